@@ -1,0 +1,3 @@
+from deepserve.cli import main
+
+main()

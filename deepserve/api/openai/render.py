@@ -1,0 +1,159 @@
+"""OpenAI response bodies and stream chunks, as plain dicts (built on the hot path: no pydantic)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from deepserve.engine.types import FinishReason, TokenLogprob
+from deepserve.serving import ChoiceResult
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def finish_reason(reason: FinishReason | None) -> str | None:
+    """Internal finish reasons as OpenAI names them. Errors are reported as errors, not as a reason."""
+    if reason is None:
+        return None
+    return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+def usage(groups: list[list[ChoiceResult]]) -> dict[str, Any]:
+    """Usage of a response. Each group is the choices of one prompt: a prompt counts once, as OpenAI
+    counts it for n > 1; every choice's output counts."""
+    num_prompt = sum(g[0].num_prompt_tokens for g in groups if g)
+    num_cached = sum(max(c.num_cached_tokens for c in g) for g in groups if g)
+    num_generated = sum(c.num_generated_tokens for g in groups for c in g)
+    return usage_counts(num_prompt, num_cached, num_generated)
+
+
+def usage_counts(num_prompt: int, num_cached: int, num_generated: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_generated,
+        "total_tokens": num_prompt + num_generated,
+        "prompt_tokens_details": {"cached_tokens": num_cached},
+        # DeepSeek's own names for the same prompt-cache figures
+        "prompt_cache_hit_tokens": num_cached,
+        "prompt_cache_miss_tokens": num_prompt - num_cached,
+    }
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": list(e.token_bytes),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top],
+            }
+            for e in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_offset_start: int) -> dict[str, Any]:
+    offsets, at = [], text_offset_start
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_completion(response_id: str, model: str, choices: list[ChoiceResult], want_logprobs: bool) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
+                "finish_reason": finish_reason(c.finish_reason),
+                "stop_reason": c.stop_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage([choices]),
+    }
+
+
+def chat_chunk(
+    response_id: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    *,
+    finish: str | None = None,
+    stop_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}
+        ],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def text_completion(
+    response_id: str, model: str, choices: list[ChoiceResult], *, prefixes: list[str], want_logprobs: bool,
+    usage_body: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "text": prefixes[i] + c.text,
+                "logprobs": completion_logprobs(c.logprobs, len(prefixes[i])) if want_logprobs else None,
+                "finish_reason": finish_reason(c.finish_reason),
+                "stop_reason": c.stop_reason,
+            }
+            for i, c in enumerate(choices)
+        ],
+        "usage": usage_body,
+    }
+
+
+def completion_chunk(
+    response_id: str, created: int, model: str, index: int, text: str, *,
+    finish: str | None = None, stop_reason: str | None = None, logprobs: dict[str, Any] | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def error_body(message: str, error_type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

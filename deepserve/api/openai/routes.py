@@ -1,0 +1,175 @@
+"""OpenAI-compatible routes: auth → schema → generate → render. Also what NIM and DeepRequest expose."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse, Response
+
+from deepserve.api import sse
+from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.openai import render
+from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+from deepserve.engine.types import TokenDelta
+from deepserve.errors import EngineError
+from deepserve.serving import ChoiceResult, ServedModel, collect_stream, generate
+
+router = APIRouter()
+
+
+def _model_card(model: ServedModel) -> dict[str, Any]:
+    return {
+        "id": model.model_id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": model.owned_by,
+        "max_model_len": model.ctx_size,
+    }
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(m) for m in request.app.state.models]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
+    return _model_card(request.app.state.models.get(model_id))
+
+
+def _raise_on_error(choices: list[ChoiceResult]) -> None:
+    for choice in choices:
+        if choice.error is not None:
+            raise EngineError(f"The engine failed while generating: {choice.error}")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, _: Principal = Depends(require_bearer)
+) -> Response:
+    model: ServedModel = request.app.state.models.get(body.model)
+    prompt_tokens = model.chat_prompt_tokens(body.template_messages())
+    sampling = body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens, len(prompt_tokens)))
+    stream = generate(model.engine, prompt_tokens, sampling, body.n)
+    response_id = render.new_id("chatcmpl")
+    if body.stream:
+        return sse.sse_response(_chat_events(response_id, body, stream))
+    choices = await collect_stream(stream, body.n)
+    _raise_on_error(choices)
+    return JSONResponse(render.chat_completion(response_id, body.model, choices, body.logprobs))
+
+
+async def _chat_events(
+    response_id: str, body: ChatCompletionRequest, stream: AsyncIterator[tuple[int, TokenDelta]]
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    include_usage = body.include_usage
+    choices = [ChoiceResult(index=i) for i in range(body.n)]
+
+    def chunk(index: int, delta: dict[str, Any], **kwargs: Any) -> bytes:
+        return sse.event(
+            render.chat_chunk(response_id, created, body.model, index, delta, include_usage=include_usage, **kwargs)
+        )
+
+    for i in range(body.n):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async with contextlib.aclosing(stream):
+        async for index, delta in stream:
+            choices[index].add(delta)
+            if delta.error is not None:
+                yield sse.event(render.error_body(f"The engine failed while generating: {delta.error}", "server_error"))
+                continue
+            logprobs = render.chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
+            content = {"content": delta.text} if delta.text else {}
+            if delta.finish_reason is not None:
+                yield chunk(
+                    index, content, logprobs=logprobs,
+                    finish=render.finish_reason(delta.finish_reason), stop_reason=delta.stop_reason,
+                )
+            elif content or logprobs:
+                yield chunk(index, content, logprobs=logprobs)
+    if include_usage:
+        yield sse.event(
+            {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+             "choices": [], "usage": render.usage([choices])}
+        )
+    yield sse.DONE
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
+    model: ServedModel = request.app.state.models.get(body.model)
+    prompts = body.prompts()
+    token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
+    texts = [p if isinstance(p, str) else "" for p in prompts]
+    longest = max(len(t) for t in token_lists)
+    sampling = body.to_sampling(model.resolve_max_tokens(body.max_tokens, longest))
+    streams = []
+    try:
+        for tokens in token_lists:
+            streams.append(generate(model.engine, tokens, sampling, body.n))
+    except Exception:
+        for s in streams:
+            await s.aclose()
+        raise
+    response_id = render.new_id("cmpl")
+    prefixes = [texts[i // body.n] if body.echo else "" for i in range(len(prompts) * body.n)]
+    if body.stream:
+        return sse.sse_response(_completion_events(response_id, body, streams, prefixes))
+    groups = [await collect_stream(s, body.n) for s in streams]
+    flat = [c for group in groups for c in group]
+    _raise_on_error(flat)
+    return JSONResponse(
+        render.text_completion(
+            response_id, body.model, flat, prefixes=prefixes, want_logprobs=body.logprobs is not None,
+            usage_body=render.usage(groups),
+        )
+    )
+
+
+async def _completion_events(
+    response_id: str, body: CompletionRequest, streams: list[AsyncIterator[tuple[int, TokenDelta]]], prefixes: list[str]
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    include_usage = body.include_usage
+    groups = [[ChoiceResult(index=i) for i in range(body.n)] for _ in streams]
+    echoed: set[int] = set()
+    try:
+        for prompt_index, stream in enumerate(streams):
+            offset = 0
+            async with contextlib.aclosing(stream):
+                async for index, delta in stream:
+                    groups[prompt_index][index].add(delta)
+                    choice_index = prompt_index * body.n + index
+                    if delta.error is not None:
+                        yield sse.event(render.error_body(f"The engine failed while generating: {delta.error}", "server_error"))
+                        continue
+                    text = delta.text
+                    if prefixes[choice_index] and choice_index not in echoed:
+                        echoed.add(choice_index)
+                        text = prefixes[choice_index] + text  # echo: the prompt leads the first chunk
+                    logprobs = None
+                    if body.logprobs is not None and delta.logprobs:
+                        logprobs = render.completion_logprobs(delta.logprobs, offset)
+                    offset += len(text)
+                    finish = render.finish_reason(delta.finish_reason)
+                    if text or logprobs or finish:
+                        yield sse.event(
+                            render.completion_chunk(
+                                response_id, created, body.model, choice_index, text, finish=finish,
+                                stop_reason=delta.stop_reason, logprobs=logprobs, include_usage=include_usage,
+                            )
+                        )
+    finally:
+        for stream in streams:
+            await stream.aclose()
+    if include_usage:
+        yield sse.event(
+            {"id": response_id, "object": "text_completion", "created": created, "model": body.model,
+             "choices": [], "usage": render.usage(groups)}
+        )
+    yield sse.DONE

@@ -1,0 +1,117 @@
+"""The `deepserve` command line (typer)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+import uvicorn
+
+from deepserve.config import Settings
+
+app = typer.Typer(help="deepserve: self-hosted inference for DeepSeek models.", no_args_is_help=True)
+
+
+class _Server(uvicorn.Server):
+    """Prints one ready line once the socket is listening (port 0 resolves to the real port)."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings):
+        super().__init__(config)
+        self._settings = settings
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        port = self._settings.port
+        for server in self.servers:
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+        fastapi_app = self.config.loaded_app
+        while hasattr(fastapi_app, "app") and not hasattr(fastapi_app, "state"):
+            fastapi_app = fastapi_app.app
+        state = fastapi_app.state
+        model_ids = ",".join(m.model_id for m in state.models)
+        if self._settings.no_auth:
+            key = "none (--no-auth)"
+        elif state.dev_key:
+            key = state.dev_key
+        else:
+            key = "(configured)"
+        print(
+            f"deepserve ready: url=http://{self._settings.host}:{port}/v1 model={model_ids} api_key={key}",
+            flush=True,
+        )
+
+
+@app.command()
+def serve(
+    model_path: str = typer.Option(None, help="GGUF file to serve (default: the bundled SmolLM2-135M-Instruct)."),
+    model_id: str = typer.Option(None, help="Model id clients send (default: from the file name)."),
+    host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port (default 8000; 0 picks a free one)."),
+    threads: int = typer.Option(None, help="CPU threads for llama.cpp (default: all cores)."),
+    ctx_size: int = typer.Option(None, help="Context window of one request, prompt + max_tokens (default 2048)."),
+    parallel: int = typer.Option(None, help="Sequences decoded together (default 8)."),
+    batch_size: int = typer.Option(None, help="Tokens per decode step, caps prefill chunks (default 512)."),
+    max_queue: int = typer.Option(None, help="Requests that may wait for a slot before 429 (default 64)."),
+    kv_unified: bool = typer.Option(None, "--kv-unified/--kv-split", help="One KV pool for all slots."),
+    api_key: list[str] = typer.Option(None, help="Accepted API key (repeatable; default: DEEPSERVE_API_KEYS)."),
+    no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),
+    log_level: str = typer.Option("warning", help="uvicorn log level."),
+) -> None:
+    """Serve the OpenAI-compatible API."""
+    overrides = {
+        "model_path": model_path, "model_id": model_id, "host": host, "port": port, "threads": threads,
+        "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
+        "kv_unified": kv_unified, "api_keys": api_key or None, "no_auth": no_auth,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    from deepserve.app import create_app
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+        timeout_graceful_shutdown=10,
+    )
+    _Server(config, settings).run()
+
+
+@app.command()
+def selfcheck(num_tokens: int = typer.Option(8, help="Tokens to decode.")) -> None:
+    """Load the bundled model and decode a few tokens: proves the llama.cpp build runs on this CPU."""
+    from deepserve.bundled import bundled_model_path
+    from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner
+    from deepserve.engine.types import SamplingParams
+
+    runner = LlamaRunner(str(bundled_model_path()), ctx_size_per_seq=256, num_seqs=2, batch_size=64, num_threads=2)
+    prompt = runner.tokenize("The capital of France is", add_special=True, parse_special=False)
+    sampler = runner.new_sampler(SamplingParams(temperature=0.0), seed=0)
+    rows = runner.decode([BatchEntry(0, prompt, 0, True)])
+    out: list[int] = []
+    for pos in range(len(prompt), len(prompt) + num_tokens):
+        out.append(runner.sample(sampler, rows[0]))
+        rows = runner.decode([BatchEntry(0, [out[-1]], pos, True)])
+    text = b"".join(runner.token_piece(t) for t in out).decode("utf-8", errors="replace")
+    runner.free_sampler(sampler)
+    runner.close()
+    if not text.strip():
+        raise typer.Exit(code=1)
+    print(f"selfcheck ok: decoded {len(out)} tokens: {text!r}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from deepserve import __version__
+
+    print(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Settings: the only place that reads the environment (prefix DEEPSERVE_)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEEPSERVE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_path: str | None = Field(None, description="GGUF file; default: the bundled SmolLM2-135M-Instruct")
+    model_id: str | None = Field(None, description="name clients use; default: derived from the file")
+    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores)")
+    ctx_size: int = Field(2048, ge=64, description="context window of one request (prompt + max_tokens)")
+    parallel: int = Field(8, ge=1, le=256, description="sequences decoded together (slots)")
+    batch_size: int = Field(512, ge=8, description="tokens per llama_decode (n_batch): caps prefill chunks")
+    max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; more get 429")
+    kv_unified: bool = False
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    no_auth: bool = False
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        # DEEPSERVE_API_KEYS=key1,key2 (a comma-separated list, not JSON)
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value

@@ -1,0 +1,262 @@
+"""The only module that imports llama_cpp: model, context, batch, samplers and per-sequence KV.
+
+Everything here runs on the engine thread, except the read-only vocabulary helpers (tokenize,
+token pieces, metadata), which the HTTP side may call concurrently: they only read the model.
+ctypes releases the GIL for each foreign call, so a long `llama_decode` does not block the HTTP loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import threading
+from dataclasses import dataclass
+
+import llama_cpp as llama
+import numpy as np
+
+from deepserve.engine.types import SamplingParams
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_GGML_LOG_LEVEL_WARN = 3
+_GGML_LOG_LEVEL_CONT = 5
+_llama_log = logging.getLogger("llama.cpp")
+
+
+@llama.llama_log_callback
+def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp prints hundreds of load-time lines; keep warnings and errors, in our logging.
+    if _GGML_LOG_LEVEL_WARN <= level < _GGML_LOG_LEVEL_CONT and text:
+        _llama_log.warning(text.decode("utf-8", errors="replace").rstrip())
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama.llama_log_set(_forward_log, ctypes.c_void_p(0))
+            llama.llama_backend_init()
+            _backend_ready = True
+
+
+@dataclass(slots=True)
+class BatchEntry:
+    """Tokens of one sequence to put into the next decode, starting at KV position `start_pos`."""
+
+    seq_id: int
+    tokens: list[int]
+    start_pos: int
+    want_logits: bool
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+class LlamaRunner:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        ctx_size_per_seq: int,
+        num_seqs: int,
+        batch_size: int = 512,
+        num_threads: int | None = None,
+        kv_unified: bool = False,
+    ):
+        _init_backend()
+        model_params = llama.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        self._model = llama.llama_model_load_from_file(model_path.encode(), model_params)
+        if not self._model:
+            raise RuntimeError(f"could not load model from {model_path}")
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self.num_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        self.ctx_size_per_seq = ctx_size_per_seq
+        self.num_seqs = num_seqs
+        self.batch_size = batch_size
+
+        ctx_params = llama.llama_context_default_params()
+        ctx_params.n_ctx = ctx_size_per_seq * num_seqs
+        ctx_params.n_batch = batch_size
+        ctx_params.n_ubatch = batch_size
+        ctx_params.n_seq_max = num_seqs
+        ctx_params.kv_unified = kv_unified
+        threads = num_threads or 0
+        if threads > 0:
+            ctx_params.n_threads = threads
+            ctx_params.n_threads_batch = threads
+        ctx_params.no_perf = True
+        self._ctx = llama.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama.llama_model_free(self._model)
+            raise RuntimeError("could not create a llama.cpp context (out of memory?)")
+        self._memory = llama.llama_get_memory(self._ctx)
+        self._batch = llama.llama_batch_init(batch_size, 0, 1)
+        self._piece_cache: dict[int, bytes] = {}
+        self._closed = False
+
+    # ---- model facts -------------------------------------------------------------------------
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        raw = llama.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    @property
+    def ctx_train(self) -> int:
+        return llama.llama_model_n_ctx_train(self._model)
+
+    @property
+    def bos_token_id(self) -> int:
+        return llama.llama_vocab_bos(self._vocab)
+
+    @property
+    def eos_token_id(self) -> int:
+        return llama.llama_vocab_eos(self._vocab)
+
+    @property
+    def adds_bos(self) -> bool:
+        return bool(llama.llama_vocab_get_add_bos(self._vocab))
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of a token, special tokens included (e.g. `<|im_end|>`)."""
+        raw = llama.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    # ---- text <-> tokens ---------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            tokens = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        return list(tokens[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        """Bytes a token stands for when shown to a user (control tokens render as nothing)."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._piece_cache[token] = piece
+        return piece
+
+    # ---- KV cache ----------------------------------------------------------------------------
+    def keep_prefix(self, seq_id: int, num_keep: int) -> None:
+        """Drop this sequence's KV from position `num_keep` on (0 drops it all)."""
+        if not llama.llama_memory_seq_rm(self._memory, seq_id, num_keep, -1):
+            llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            raise DecodeError(f"could not trim the KV cache of sequence {seq_id} to {num_keep} tokens")
+
+    # ---- decode ------------------------------------------------------------------------------
+    def decode(self, entries: list[BatchEntry]) -> list[int]:
+        """Run one llama_decode over all entries; return each entry's logits row (-1: none)."""
+        batch = self._batch
+        n = 0
+        rows: list[int] = []
+        for entry in entries:
+            pos = entry.start_pos
+            seq_id = entry.seq_id
+            for token in entry.tokens:
+                batch.token[n] = token
+                batch.pos[n] = pos
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = 0
+                pos += 1
+                n += 1
+            if entry.want_logits:
+                batch.logits[n - 1] = 1
+                rows.append(n - 1)
+            else:
+                rows.append(-1)
+        if n > self.batch_size:
+            raise DecodeError(f"batch of {n} tokens exceeds n_batch={self.batch_size}")
+        batch.n_tokens = n
+        rc = llama.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise DecodeError(f"llama_decode returned {rc}")
+        return rows
+
+    def logits(self, row: int) -> np.ndarray:
+        ptr = llama.llama_get_logits_ith(self._ctx, row)
+        return np.ctypeslib.as_array(ptr, shape=(self.num_vocab,))
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def new_sampler(self, params: SamplingParams, seed: int) -> int:
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        add = lambda s: llama.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(
+                llama.llama_sampler_init_penalties(
+                    self.num_vocab,
+                    # Window = everything this request may generate (prompt tokens are not fed to the
+                    # chain), so frequency/presence penalties follow OpenAI's "tokens so far" meaning.
+                    max(64, min(params.max_tokens, 4096)),
+                    params.repetition_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
+        if params.temperature <= 0.0:
+            add(llama.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(llama.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(llama.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(llama.llama_sampler_init_min_p(params.min_p, 1))
+            add(llama.llama_sampler_init_temp(params.temperature))
+            add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def sample(self, sampler: int, row: int) -> int:
+        """Sample from a logits row; the chain also records the token (penalties need the history)."""
+        return llama.llama_sampler_sample(sampler, self._ctx, row)
+
+    @staticmethod
+    def free_sampler(sampler: int) -> None:
+        llama.llama_sampler_free(sampler)
+
+    def logprobs(self, row: int, token: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
+        """Log-probability of `token` under the raw model distribution, plus the `num_top` best."""
+        logits = self.logits(row).astype(np.float64)
+        peak = logits.max()
+        log_z = peak + math.log(np.exp(logits - peak).sum())
+        chosen = float(logits[token] - log_z)
+        top: list[tuple[int, float]] = []
+        if num_top > 0:
+            best = np.argpartition(-logits, num_top)[:num_top]
+            best = best[np.argsort(-logits[best])]
+            top = [(int(t), float(logits[t] - log_z)) for t in best]
+        return chosen, top
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        llama.llama_batch_free(self._batch)
+        llama.llama_free(self._ctx)
+        llama.llama_model_free(self._model)

@@ -1,0 +1,207 @@
+"""Continuous-batching scheduler. Plain Python: no llama_cpp import, so it is unit-tested directly.
+
+One call to `schedule()` plans one engine step:
+1. every sequence that is decoding contributes its one pending token;
+2. sequences still prefilling get prompt chunks from what is left of the token budget (chunked prefill:
+   a long prompt is spread over several steps instead of freezing everyone else);
+3. waiting requests are admitted into free slots, preferring the slot whose cached KV shares the
+   longest prefix with the prompt (prompt cache, like llama.cpp's server), and start prefilling at once.
+
+After the runner has decoded the step, `commit()` advances each scheduled sequence.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from deepserve.engine.types import GenerateRequest, RequestStatus
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """One llama.cpp sequence id and the tokens whose KV it currently holds."""
+
+    seq_id: int
+    cached_tokens: list[int] = field(default_factory=list)
+    sequence: Sequence | None = None
+    last_used_step: int = -1
+
+    @property
+    def is_free(self) -> bool:
+        return self.sequence is None
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request: GenerateRequest
+    status: RequestStatus = RequestStatus.WAITING
+    slot: Slot | None = None
+    output_tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens (prompt, then output) whose KV is in the slot
+    num_cached: int = 0  # prompt tokens reused from the prompt cache
+    state: Any = None  # engine-side state: sampler, detokenizer, collector
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return self.request.prompt_tokens
+
+    def token_at(self, index: int) -> int:
+        num_prompt = len(self.request.prompt_tokens)
+        return self.request.prompt_tokens[index] if index < num_prompt else self.output_tokens[index - num_prompt]
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        num_prompt = len(self.request.prompt_tokens)
+        if end <= num_prompt:
+            return self.request.prompt_tokens[start:end]
+        return (self.request.prompt_tokens + self.output_tokens)[start:end]
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    sequence: Sequence
+    start: int  # first token index (= KV position)
+    tokens: list[int]
+    want_logits: bool  # the chunk reaches the end of what is known: sample after it
+
+
+@dataclass(slots=True)
+class Admission:
+    """A waiting request placed in a slot: the runner must first drop the slot's KV beyond `num_reused`."""
+
+    sequence: Sequence
+    seq_id: int
+    num_reused: int
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    admissions: list[Admission] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, token_budget: int):
+        if token_budget < num_slots:
+            raise ValueError("the token budget (n_batch) must be at least the number of slots")
+        self.slots = [Slot(seq_id=i) for i in range(num_slots)]
+        self.token_budget = token_budget
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # admission order
+        self._step = 0
+
+    # ---- queue -------------------------------------------------------------------------------
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    # ---- planning ----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self._step += 1
+        plan = StepPlan()
+        budget = self.token_budget
+        for seq in self.running:
+            if seq.status == RequestStatus.DECODE:
+                plan.chunks.append(ScheduledChunk(seq, seq.num_computed, [seq.output_tokens[-1]], True))
+                budget -= 1
+        for seq in self.running:
+            if seq.status == RequestStatus.PREFILL and budget > 0:
+                budget -= self._plan_prefill(seq, budget, plan)
+        while self.waiting and budget > 0:
+            slot = self._pick_slot(self.waiting[0].prompt_tokens)
+            if slot is None:
+                break
+            seq = self.waiting.popleft()
+            plan.admissions.append(self._admit(seq, slot))
+            budget -= self._plan_prefill(seq, budget, plan)
+        return plan
+
+    def _plan_prefill(self, seq: Sequence, budget: int, plan: StepPlan) -> int:
+        num_prompt = len(seq.prompt_tokens)
+        end = min(num_prompt, seq.num_computed + budget)
+        tokens = seq.prompt_tokens[seq.num_computed : end]
+        plan.chunks.append(ScheduledChunk(seq, seq.num_computed, tokens, end == num_prompt))
+        return len(tokens)
+
+    def _pick_slot(self, prompt: list[int]) -> Slot | None:
+        free = [slot for slot in self.slots if slot.is_free]
+        if not free:
+            return None
+        # Longest shared prefix first; among equals the least recently used, to keep hot caches.
+        return max(free, key=lambda s: (common_prefix_length(s.cached_tokens, prompt), -s.last_used_step))
+
+    def _admit(self, seq: Sequence, slot: Slot) -> Admission:
+        # At least the last prompt token is recomputed: its logits are needed to sample.
+        num_reused = min(common_prefix_length(slot.cached_tokens, seq.prompt_tokens), len(seq.prompt_tokens) - 1)
+        num_reused = max(num_reused, 0)
+        slot.sequence = seq
+        slot.cached_tokens = slot.cached_tokens[:num_reused]
+        slot.last_used_step = self._step
+        seq.slot = slot
+        seq.num_computed = num_reused
+        seq.num_cached = num_reused
+        seq.status = RequestStatus.PREFILL
+        self.running.append(seq)
+        return Admission(seq, slot.seq_id, num_reused)
+
+    # ---- after the step ----------------------------------------------------------------------
+    def commit(self, chunk: ScheduledChunk, sampled_token: int | None) -> None:
+        """The chunk's tokens are now in the KV cache; `sampled_token` is what its logits gave."""
+        seq = chunk.sequence
+        seq.num_computed = chunk.start + len(chunk.tokens)
+        if seq.slot is not None:
+            seq.slot.cached_tokens.extend(chunk.tokens)
+            seq.slot.last_used_step = self._step
+        if sampled_token is not None:
+            seq.output_tokens.append(sampled_token)
+            seq.status = RequestStatus.DECODE
+
+    def finish(self, seq: Sequence, status: RequestStatus, *, keep_cache: bool = True) -> None:
+        """End a sequence (waiting or running). Its slot keeps the KV for prompt-cache reuse."""
+        assert status.is_finished
+        seq.status = status
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        slot = seq.slot
+        if slot is not None:
+            slot.sequence = None
+            if not keep_cache:
+                slot.cached_tokens = []
+            seq.slot = None

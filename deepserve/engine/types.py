@@ -1,0 +1,106 @@
+"""Internal request/response types shared by every engine and every dialect.
+
+Dialects translate their wire format into a `GenerateRequest`; engines answer with a stream of
+`TokenDelta`. Nothing here knows about HTTP or llama.cpp.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORT = "abort"  # client went away or the engine shut down
+    ERROR = "error"  # the engine failed this request
+
+
+class RequestStatus(enum.IntEnum):
+    """Life cycle of one sequence, like llama.cpp server's slot states. Finished states come last."""
+
+    WAITING = 0
+    PREFILL = 1
+    DECODE = 2
+    FINISHED_STOPPED = 10
+    FINISHED_LENGTH = 11
+    FINISHED_ABORTED = 12
+    FINISHED_ERROR = 13
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASON_BY_STATUS.get(self)
+
+
+_FINISH_REASON_BY_STATUS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+_request_counter = itertools.count(1)
+
+
+def next_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{next(_request_counter)}"
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """One sequence to generate. `n` > 1 in an API request becomes n GenerateRequests."""
+
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    request_id: str = field(default_factory=next_request_id)
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    """What one engine step produced for one request.
+
+    `text` is safe to show: it never contains part of a stop string or an incomplete UTF-8 sequence.
+    The last delta of a request has `finish_reason` set and carries the final counts.
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | None = None  # the stop string that ended generation, if any
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_generated_tokens: int = 0
+    error: str | None = None

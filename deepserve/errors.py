@@ -1,0 +1,81 @@
+"""The exception tree. Every dialect maps it to its own error envelope in exactly one place.
+
+    DeepserveError (500, server_error)
+    ├── InvalidRequestError (400)         bad parameter value, malformed body
+    │   └── ContextLengthError (400)      prompt + max_tokens do not fit the context window
+    ├── PayloadTooLargeError (413)
+    ├── AuthenticationError (401)         missing, unknown or revoked key
+    ├── NotFoundError (404)               unknown model or route
+    │   └── ModelNotFoundError (404)
+    ├── QueueFullError (429)              the engine's waiting queue is full: retry later
+    ├── EngineError (500)                 the engine failed this request (others keep running)
+    └── ServiceUnavailableError (503)     not ready or shutting down
+"""
+
+from __future__ import annotations
+
+
+class DeepserveError(Exception):
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers: dict[str, str] = {}
+
+
+class InvalidRequestError(DeepserveError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class PayloadTooLargeError(DeepserveError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class AuthenticationError(DeepserveError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(DeepserveError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class QueueFullError(DeepserveError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message)
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+class EngineError(DeepserveError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "engine_error"
+
+
+class ServiceUnavailableError(DeepserveError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "service_unavailable"

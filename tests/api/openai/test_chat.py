@@ -1,0 +1,181 @@
+"""Chat completions through the real engine and real HTTP, with the official openai SDK."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.conftest import engine_stats
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_non_streaming_chat_returns_text_and_usage(client: openai.OpenAI, server):
+    r = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=24, temperature=0)
+    choice = r.choices[0]
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == server.model
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 5
+    assert 0 < r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_chat_matches_non_streaming_greedy_text(client: openai.OpenAI, server):
+    args = dict(model=server.model, messages=MESSAGES, max_tokens=20, temperature=0)
+    full = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI, server):
+    chunks = list(client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=4, stream=True))
+    assert all(c.choices for c in chunks)
+    assert all(getattr(c, "usage", None) is None for c in chunks)
+
+
+def test_max_tokens_gives_finish_reason_length(client: openai.OpenAI, server):
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 3
+
+
+def test_max_completion_tokens_is_honoured(client: openai.OpenAI, server):
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_completion_tokens=2, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
+
+
+def test_n_two_returns_two_indexed_choices(client: openai.OpenAI, server):
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=8, n=2, seed=7, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(c.finish_reason == "length" for c in r.choices)
+    assert r.usage.completion_tokens == 16
+
+
+def test_n_two_streaming_delivers_both_choices(client: openai.OpenAI, server):
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model, messages=MESSAGES, max_tokens=6, n=2, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+    )
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_same_seed_same_prompt_gives_same_output(client: openai.OpenAI, server):
+    args = dict(model=server.model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
+                temperature=1.0, seed=1234)
+    first = client.chat.completions.create(**args).choices[0].message.content
+    second = client.chat.completions.create(**args).choices[0].message.content
+    assert first == second
+
+
+def test_different_seeds_give_different_outputs(client: openai.OpenAI, server):
+    args = dict(model=server.model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24,
+                temperature=1.0, extra_body={"ignore_eos": True})
+    outputs = {client.chat.completions.create(**args, seed=s).choices[0].message.content for s in (1, 2, 3)}
+    assert len(outputs) > 1
+
+
+def test_stop_string_cuts_output_and_reports_it(client: openai.OpenAI, server):
+    args = dict(model=server.model, messages=MESSAGES, max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**args).choices[0].message.content
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2]
+    r = client.chat.completions.create(**args, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.index(stop)]
+    assert r.choices[0].model_extra["stop_reason"] == stop
+
+
+def test_stop_string_split_across_tokens_is_never_emitted(client: openai.OpenAI, server):
+    args = dict(model=server.model, messages=MESSAGES, max_tokens=30, temperature=0,
+                logprobs=True, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**args)
+    full = r.choices[0].message.content
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    # a stop string made of the end of one token and the start of the next
+    for i in range(1, len(tokens) - 1):
+        left, right = tokens[i], tokens[i + 1]
+        if len(left.strip()) >= 2 and len(right.strip()) >= 2:
+            stop = left[-2:] + right[:2]
+            break
+    else:
+        pytest.fail(f"no two neighbouring tokens long enough in {tokens}")
+    assert full.find(stop) >= 0
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.chat.completions.create(**{**args, "logprobs": False}, stop=stop, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            text = client.chat.completions.create(**{**args, "logprobs": False}, stop=stop).choices[0].message.content
+        assert text == full[: full.index(stop)]
+        assert stop[:1] not in text[len(full[: full.index(stop)]):]
+
+
+def test_logprobs_are_returned_per_token(client: openai.OpenAI, server):
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+
+
+def test_prompt_cache_is_reported_as_cached_tokens(client: openai.OpenAI, server):
+    messages = [{"role": "system", "content": "You answer in one word. " * 20}, {"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model=server.model, messages=messages, max_tokens=2)
+    r = client.chat.completions.create(
+        model=server.model, messages=messages[:1] + [{"role": "user", "content": "Hello there"}], max_tokens=2
+    )
+    assert r.usage.prompt_tokens_details.cached_tokens > 100
+    assert r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    assert r.usage.model_extra["prompt_cache_hit_tokens"] == r.usage.prompt_tokens_details.cached_tokens
+
+
+def test_content_parts_are_accepted(client: openai.OpenAI, server):
+    r = client.chat.completions.create(
+        model=server.model, max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name three colours."}]}],
+    )
+    plain = client.chat.completions.create(model=server.model, max_tokens=4, temperature=0, messages=MESSAGES)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_models_list_and_get(client: openai.OpenAI, server):
+    ids = [m.id for m in client.models.list()]
+    assert ids == [server.model]
+    assert client.models.retrieve(server.model).id == server.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_health_endpoints(http):
+    assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/v1/health/live").status_code == 200
+    ready = http.get("/v1/health/ready")
+    assert ready.status_code == 200 and ready.json()["object"] == "health.response"
+    assert engine_stats(http)["num_decode_errors"] == 0

@@ -1,0 +1,52 @@
+"""Legacy completions through the real engine, with the openai SDK."""
+
+from __future__ import annotations
+
+import openai
+
+
+def test_completion_of_a_string_prompt(client: openai.OpenAI, server):
+    r = client.completions.create(model=server.model, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 6
+
+
+def test_completion_default_max_tokens_is_16(client: openai.OpenAI, server):
+    r = client.completions.create(model=server.model, prompt="Once upon a time", extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_list_of_prompts_gives_a_choice_per_prompt_and_n(client: openai.OpenAI, server):
+    r = client.completions.create(
+        model=server.model, prompt=["One, two,", "Red, green,"], max_tokens=4, n=2, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.completion_tokens == 16
+    single = client.completions.create(model=server.model, prompt="One, two,", max_tokens=1)
+    other = client.completions.create(model=server.model, prompt="Red, green,", max_tokens=1)
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens + other.usage.prompt_tokens
+
+
+def test_streaming_completion_matches_non_streaming(client: openai.OpenAI, server):
+    args = dict(model=server.model, prompt="def fibonacci(n):", max_tokens=12, temperature=0)
+    full = client.completions.create(**args).choices[0].text
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_completion_logprobs_and_echo(client: openai.OpenAI, server):
+    r = client.completions.create(
+        model=server.model, prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=2, echo=True,
+        extra_body={"ignore_eos": True},
+    )
+    choice = r.choices[0]
+    assert choice.text.startswith("1, 2, 3,")
+    assert len(choice.logprobs.tokens) == 3 and len(choice.logprobs.top_logprobs[0]) == 2
+    assert choice.logprobs.text_offset[0] == len("1, 2, 3,")
+
+
+def test_token_id_prompt_is_accepted(client: openai.OpenAI, server):
+    r = client.completions.create(model=server.model, prompt=[504, 3458, 282], max_tokens=2)
+    assert r.usage.prompt_tokens == 3

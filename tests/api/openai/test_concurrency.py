@@ -1,0 +1,81 @@
+"""Continuous batching, abort on disconnect and the waiting-queue limit, through real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+
+from tests.conftest import engine_stats
+from tests.server import start_server
+
+
+def test_eight_concurrent_streams_all_complete_and_share_decode_steps(server, http):
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
+        stream = await client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=32,
+            stream=True, extra_body={"ignore_eos": True},
+        )
+        text, finish = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    results = asyncio.run(main())
+    assert all(finish == "length" and text for text, finish in results)
+    assert engine_stats(http)["max_seqs_in_step"] >= 2
+
+
+def test_disconnecting_client_frees_its_slot():
+    running = start_server("--parallel", "1", "--ctx-size", "4096")
+    try:
+        headers = {"Authorization": f"Bearer {running.api_key}"}
+        body = {"model": running.model, "messages": [{"role": "user", "content": "Write a long essay."}],
+                "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                received = [next(lines) for _ in range(6)]  # role chunk + a few tokens, then hang up
+                assert all(line.startswith("data: ") or line == "" for line in received)
+            # The only slot must be free for this one to run at all; it ends after 5 tokens.
+            short = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5}).json()
+            assert short["choices"][0]["finish_reason"] == "length"
+            stats = engine_stats(http)
+        assert stats["num_requests_finished"] == 2
+        # the abandoned request stopped far short of its 3000 tokens
+        assert stats["num_generated_tokens"] < 3000
+    finally:
+        running.stop()
+
+
+def test_full_waiting_queue_answers_429_with_retry_after():
+    running = start_server("--parallel", "1", "--max-queue", "1", "--ctx-size", "4096")
+    try:
+        headers = {"Authorization": f"Bearer {running.api_key}"}
+        long = {"model": running.model, "messages": [{"role": "user", "content": "Go on."}],
+                "max_tokens": 3000, "stream": True, "ignore_eos": True}
+        with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
+            with http.stream("POST", "/v1/chat/completions", json=long) as first:
+                first_lines = first.iter_lines()
+                while "content" not in next(first_lines):  # the first request is decoding: slot taken
+                    pass
+                with http.stream("POST", "/v1/chat/completions", json=long) as second:  # waits for the slot
+                    assert second.status_code == 200
+                    third = http.post("/v1/chat/completions", json={**long, "stream": False})
+                    assert third.status_code == 429
+                    assert int(third.headers["Retry-After"]) >= 1
+                    assert third.json()["error"]["code"] == "queue_full"
+            # The server learns of the two hang-ups asynchronously; the SDK's own retry (which honours
+            # Retry-After) is what a real client does here.
+            sdk = openai.OpenAI(base_url=running.base_url, api_key=running.api_key, max_retries=5)
+            after = sdk.chat.completions.create(model=running.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+            assert after.choices[0].finish_reason in ("stop", "length")
+    finally:
+        running.stop()

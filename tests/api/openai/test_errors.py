@@ -1,0 +1,109 @@
+"""Bad input gets a clear OpenAI-style error and changes nothing."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import engine_stats
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def test_bad_key_is_401(server):
+    bad = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.chat.completions.create(model=server.model, messages=MESSAGES)
+    assert info.value.body["code"] == "invalid_api_key"
+
+
+def test_missing_key_is_401(server):
+    r = httpx.post(f"{server.base_url}/chat/completions", json={"model": server.model, "messages": MESSAGES})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_unknown_model_is_404_and_names_the_available_ones(client, server):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="deepseek-nope", messages=MESSAGES)
+    error = info.value.body
+    assert error["code"] == "model_not_found" and server.model in error["message"]
+
+
+def test_prompt_longer_than_the_context_is_400_stating_both_numbers(client, server, http):
+    before = engine_stats(http)["num_requests_finished"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "word " * 2000}])
+    message = info.value.body["message"]
+    assert info.value.body["code"] == "context_length_exceeded"
+    assert "1024" in message and "in the prompt" in message
+    assert engine_stats(http)["num_requests_finished"] == before  # nothing ran
+
+
+def test_max_tokens_beyond_the_context_is_400(client, server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=5000)
+    assert "5000 for the completion" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 17),
+     ("max_tokens", 0), ("frequency_penalty", 2.1), ("presence_penalty", -2.1), ("top_logprobs", 21),
+     ("min_p", 1.5), ("repetition_penalty", 0)],
+)
+def test_out_of_range_parameters_are_400_naming_the_field(http, server, field, value):
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": MESSAGES, field: value})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == field and field in error["message"]
+
+
+def test_edges_of_ranges_are_accepted(http, server):
+    for field, value in [("temperature", 0), ("temperature", 2), ("top_p", 1), ("n", 2), ("frequency_penalty", -2)]:
+        r = http.post(
+            "/v1/chat/completions", json={"model": server.model, "messages": MESSAGES, "max_tokens": 1, field: value}
+        )
+        assert r.status_code == 200, (field, value, r.text)
+
+
+def test_unknown_fields_are_ignored(http, server):
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": server.model, "messages": MESSAGES, "max_tokens": 1, "some_future_field": {"x": 1}},
+    )
+    assert r.status_code == 200
+
+
+def test_malformed_json_is_400(http):
+    r = http.post("/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert "JSON" in r.json()["error"]["message"]
+
+
+def test_empty_messages_is_400(http, server):
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_oversized_body_is_413(http, server):
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": server.model, "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]},
+    )
+    assert r.status_code == 413
+    assert "limit" in r.json()["error"]["message"]
+
+
+def test_unknown_route_is_404_in_openai_envelope(http):
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_image_content_part_is_rejected_clearly(http, server):
+    r = http.post(
+        "/v1/chat/completions",
+        json={"model": server.model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    )
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]

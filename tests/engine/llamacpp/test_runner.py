@@ -1,0 +1,70 @@
+"""The runner on the bundled model: the llama.cpp build really decodes, and batching is faithful."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepserve.bundled import bundled_model_path
+from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner
+from deepserve.engine.types import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def runner():
+    r = LlamaRunner(str(bundled_model_path()), ctx_size_per_seq=256, num_seqs=2, batch_size=128, num_threads=2)
+    yield r
+    r.close()
+
+
+def greedy(runner: LlamaRunner, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
+    """Greedy-decode all prompts together in one batch per step (sequence i in slot i)."""
+    samplers = [runner.new_sampler(SamplingParams(temperature=0.0), seed=0) for _ in prompts]
+    for seq_id in range(len(prompts)):
+        runner.keep_prefix(seq_id, 0)
+    rows = runner.decode([BatchEntry(i, p, 0, True) for i, p in enumerate(prompts)])
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in range(num_tokens):
+        for i, row in enumerate(rows):
+            outputs[i].append(runner.sample(samplers[i], row))
+        rows = runner.decode(
+            [BatchEntry(i, [outputs[i][-1]], len(p) + step, True) for i, p in enumerate(prompts)]
+        )
+    for s in samplers:
+        runner.free_sampler(s)
+    return outputs
+
+
+def test_vocabulary_round_trip(runner):
+    tokens = runner.tokenize("Hello world", add_special=False, parse_special=False)
+    assert b"".join(runner.token_piece(t) for t in tokens) == b"Hello world"
+
+
+def test_special_tokens_parse_only_when_asked(runner):
+    assert runner.tokenize("<|im_end|>", add_special=False, parse_special=True) == [runner.eos_token_id]
+    assert len(runner.tokenize("<|im_end|>", add_special=False, parse_special=False)) > 1
+    assert runner.is_eog(runner.eos_token_id)
+
+
+def test_decodes_meaningful_text(runner):
+    prompt = runner.tokenize("The capital of France is", add_special=False, parse_special=False)
+    (out,) = greedy(runner, [prompt], 6)
+    text = b"".join(runner.token_piece(t) for t in out).decode()
+    assert "Paris" in text
+
+
+def test_batched_greedy_decode_matches_decoding_alone(runner):
+    a = runner.tokenize("One, two, three,", add_special=False, parse_special=False)
+    b = runner.tokenize("The sky is", add_special=False, parse_special=False)
+    together = greedy(runner, [a, b], 8)
+    assert together[0] == greedy(runner, [a], 8)[0]
+    assert together[1] == greedy(runner, [b], 8)[0]
+
+
+def test_logprobs_are_a_distribution(runner):
+    prompt = runner.tokenize("1, 2, 3,", add_special=False, parse_special=False)
+    runner.keep_prefix(0, 0)
+    (row,) = runner.decode([BatchEntry(0, prompt, 0, True)])
+    chosen, top = runner.logprobs(row, int(runner.logits(row).argmax()), 5)
+    assert top[0][1] == pytest.approx(chosen)
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    assert 0.0 < sum(2.718281828 ** lp for _, lp in top) <= 1.0 + 1e-9

@@ -1,0 +1,128 @@
+"""The scheduler on hand-made sequences: no llama.cpp involved."""
+
+import pytest
+
+from deepserve.engine.llamacpp.scheduler import Scheduler, Sequence
+from deepserve.engine.types import GenerateRequest, RequestStatus, SamplingParams
+
+
+def seq(prompt: list[int], request_id: str = "r") -> Sequence:
+    return Sequence(GenerateRequest(prompt_tokens=prompt, sampling=SamplingParams(), request_id=request_id))
+
+
+def run_step(scheduler: Scheduler, sampled: int = 99):
+    """Plan a step and commit it as if the runner sampled `sampled` wherever logits were asked for."""
+    plan = scheduler.schedule()
+    for chunk in plan.chunks:
+        scheduler.commit(chunk, sampled if chunk.want_logits else None)
+    return plan
+
+
+def test_admits_into_free_slots_and_prefills_whole_short_prompts():
+    s = Scheduler(num_slots=2, token_budget=64)
+    a, b, c = seq([1, 2, 3], "a"), seq([4, 5], "b"), seq([6], "c")
+    for x in (a, b, c):
+        s.add(x)
+    plan = run_step(s)
+    assert [ch.sequence for ch in plan.chunks] == [a, b]
+    assert [ch.tokens for ch in plan.chunks] == [[1, 2, 3], [4, 5]]
+    assert all(ch.want_logits for ch in plan.chunks)
+    assert list(s.waiting) == [c]  # no slot left
+    assert a.status == b.status == RequestStatus.DECODE
+    assert a.output_tokens == [99]
+
+
+def test_decoding_sequences_share_a_step_with_new_prefill():
+    s = Scheduler(num_slots=3, token_budget=64)
+    a = seq([1, 2, 3], "a")
+    s.add(a)
+    run_step(s)
+    b = seq([7, 8], "b")
+    s.add(b)
+    plan = run_step(s, sampled=5)
+    assert [(ch.sequence, ch.start, ch.tokens) for ch in plan.chunks] == [(a, 3, [99]), (b, 0, [7, 8])]
+    assert a.output_tokens == [99, 5] and a.num_computed == 4
+
+
+def test_long_prompt_is_chunked_by_the_budget_and_never_starves_decoders():
+    s = Scheduler(num_slots=2, token_budget=8)
+    a = seq([1], "a")
+    s.add(a)
+    run_step(s)
+    long = seq(list(range(100, 120)), "long")  # 20 tokens, budget 8 with one decoder -> 7 per step
+    s.add(long)
+    sizes = []
+    while long.status != RequestStatus.DECODE:
+        plan = run_step(s)
+        assert plan.chunks[0].sequence is a and plan.chunks[0].tokens == [99]  # a decodes every step
+        sizes.append(len(plan.chunks[1].tokens))
+        assert plan.num_tokens <= 8
+    assert sizes == [7, 7, 6]
+    assert long.num_computed == 20
+
+
+def test_prompt_cache_reuses_the_slot_with_the_longest_shared_prefix():
+    s = Scheduler(num_slots=2, token_budget=64)
+    first, other = seq([1, 2, 3, 4, 5], "first"), seq([9, 9], "other")
+    s.add(first)
+    s.add(other)
+    run_step(s)
+    s.finish(first, RequestStatus.FINISHED_STOPPED)
+    s.finish(other, RequestStatus.FINISHED_STOPPED)
+    follow_up = seq([1, 2, 3, 4, 6, 7], "follow")
+    s.add(follow_up)
+    plan = s.schedule()
+    (admission,) = plan.admissions
+    assert admission.seq_id == first_slot_id(s, 0)
+    assert admission.num_reused == 4
+    assert plan.chunks[0].start == 4 and plan.chunks[0].tokens == [6, 7]
+    assert follow_up.num_cached == 4
+
+
+def first_slot_id(s: Scheduler, index: int) -> int:
+    return s.slots[index].seq_id
+
+
+def test_identical_prompt_recomputes_its_last_token_to_get_logits():
+    s = Scheduler(num_slots=1, token_budget=64)
+    a = seq([1, 2, 3], "a")
+    s.add(a)
+    run_step(s)
+    s.finish(a, RequestStatus.FINISHED_STOPPED)
+    again = seq([1, 2, 3], "again")
+    s.add(again)
+    plan = s.schedule()
+    assert plan.admissions[0].num_reused == 2
+    assert plan.chunks[0].tokens == [3] and plan.chunks[0].want_logits
+
+
+def test_finished_sequence_keeps_its_kv_for_reuse_unless_told_not_to():
+    s = Scheduler(num_slots=1, token_budget=64)
+    a = seq([1, 2], "a")
+    s.add(a)
+    run_step(s)
+    run_step(s)  # decodes token 99 into the KV
+    s.finish(a, RequestStatus.FINISHED_LENGTH)
+    assert s.slots[0].cached_tokens == [1, 2, 99] and s.slots[0].is_free
+    b = seq([5], "b")
+    s.add(b)
+    run_step(s)
+    s.finish(b, RequestStatus.FINISHED_ERROR, keep_cache=False)
+    assert s.slots[0].cached_tokens == []
+
+
+def test_abort_of_a_waiting_sequence_removes_it_from_the_queue():
+    s = Scheduler(num_slots=1, token_budget=64)
+    a, b = seq([1], "a"), seq([2], "b")
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert s.find("b") is b
+    s.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert s.find("b") is None and not s.waiting
+    assert b.status.finish_reason.value == "abort"
+
+
+def test_budget_smaller_than_slots_is_rejected():
+    with pytest.raises(ValueError):
+        Scheduler(num_slots=8, token_budget=4)
