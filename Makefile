@@ -30,6 +30,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench]"
+	test -x benchmarks/peers/llama-server || benchmarks/build_llama_server.sh
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
 clean:

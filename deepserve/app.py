@@ -15,41 +15,65 @@ from deepserve.api import health
 from deepserve.api.auth import StaticKeyStore
 from deepserve.api.errors import ErrorRouter
 from deepserve.api.limits import BodySizeLimit
+from deepserve.api.dataoorts import routes as dataoorts_routes
 from deepserve.api.openai import routes as openai_routes
-from deepserve.bundled import BUNDLED_MODEL_ID, bundled_model_path
+from deepserve.api.segmind import routes as segmind_routes
+from deepserve.api.workers_ai import routes as workers_ai_routes
+from deepserve.catalog import default_catalog
+from deepserve.catalog.plan import ModelPlan, plan_models
+from deepserve.catalog.registry import LocalRegistry
 from deepserve.config import Settings
 from deepserve.serving import ModelRegistry, ServedModel
-from deepserve.templates.chat import CHATML_TEMPLATE, ChatTemplate
+from deepserve.templates.chat import ChatTemplate, choose_template_source
 
 log = logging.getLogger(__name__)
 
 
-def load_served_model(settings: Settings) -> ServedModel:
+def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> ServedModel:
+    """Start one model's engine (default: the first model `plan_models` picks, i.e. `--model-path` or the
+    bundled one) with its chat template and catalog facts."""
     from deepserve.engine.llamacpp.loop import LlamaCppEngine  # imports llama_cpp: only when serving
 
-    if settings.model_path:
-        path = settings.model_path
-        model_id = settings.model_id or path.rsplit("/", 1)[-1].removesuffix(".gguf")
-    else:
-        path = str(bundled_model_path())
-        model_id = settings.model_id or BUNDLED_MODEL_ID
+    if plan is None:
+        plan = plan_models(settings, default_catalog(), LocalRegistry(settings.data_dir))[0]
     engine = LlamaCppEngine(
-        path,
-        model_id,
+        plan.path,
+        plan.model_id,
         ctx_size=settings.ctx_size,
         parallel=settings.parallel,
         batch_size=settings.batch_size,
         threads=settings.threads,
         max_queue=settings.max_queue,
         kv_unified=settings.kv_unified,
+        poll=settings.poll,
     )
     runner = engine.runner
+    entry = plan.entry
+    source = choose_template_source(
+        operator=plan.template, gguf=runner.chat_template(), catalog=entry.chat_template if entry else None
+    )
     template = ChatTemplate(
-        runner.chat_template() or CHATML_TEMPLATE,
+        source,
         bos_token=runner.token_text(runner.bos_token_id),
         eos_token=runner.token_text(runner.eos_token_id),
     )
-    return ServedModel(model_id=model_id, engine=engine, template=template)
+    return ServedModel(
+        model_id=plan.model_id, engine=engine, template=template,
+        owned_by=entry.owned_by if entry else "deepserve", catalog=entry,
+    )
+
+
+def load_served_models(settings: Settings, registry: ModelRegistry) -> None:
+    """Start every model the settings name (see deepserve.catalog.plan), one engine each."""
+    catalog = registry.catalog or default_catalog()
+    plans = plan_models(settings, catalog, registry.local or LocalRegistry(settings.data_dir))
+    try:
+        for plan in plans:
+            registry.add(load_served_model(settings, plan))
+            log.info("serving %s from %s", plan.model_id, plan.path)
+    except BaseException:
+        registry.close()  # engines already started must not outlive a failed start
+        raise
 
 
 def resolve_dev_key(settings: Settings) -> str | None:
@@ -67,9 +91,9 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = models is None
-        registry = models or ModelRegistry()
+        registry = models or ModelRegistry(default_catalog(), LocalRegistry(settings.data_dir))
         if owned:
-            registry.add(load_served_model(settings))
+            load_served_models(settings, registry)
         app.state.models = registry
         try:
             yield
@@ -86,6 +110,9 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     app.state.errors = errors
     app.include_router(health.router)
     app.include_router(openai_routes.router)
+    workers_ai_routes.install(app)
+    dataoorts_routes.install(app)
+    segmind_routes.install(app)  # last: its /v1/{slug} must not shadow the OpenAI routes
 
     def too_large(scope, error):
         return errors.render(Request(scope), error)

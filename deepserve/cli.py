@@ -8,9 +8,11 @@ import sys
 import typer
 import uvicorn
 
+from deepserve.cli_models import app as models_app
 from deepserve.config import Settings
 
 app = typer.Typer(help="deepserve: self-hosted inference for DeepSeek models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 class _Server(uvicorn.Server):
@@ -49,6 +51,11 @@ class _Server(uvicorn.Server):
 def serve(
     model_path: str = typer.Option(None, help="GGUF file to serve (default: the bundled SmolLM2-135M-Instruct)."),
     model_id: str = typer.Option(None, help="Model id clients send (default: from the file name)."),
+    model: list[str] = typer.Option(
+        None, "--model", help="Catalog or registered id to serve (repeatable; default: every registered model)."
+    ),
+    template: str = typer.Option(None, help="Built-in chat template for every model served (overrides the GGUF's)."),
+    data_dir: str = typer.Option(None, help="Model registry and weights folder (default ~/.local/share/deepserve)."),
     host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (default 8000; 0 picks a free one)."),
     threads: int = typer.Option(None, help="CPU threads for llama.cpp (default: all cores)."),
@@ -57,17 +64,22 @@ def serve(
     batch_size: int = typer.Option(None, help="Tokens per decode step, caps prefill chunks (default 512)."),
     max_queue: int = typer.Option(None, help="Requests that may wait for a slot before 429 (default 64)."),
     kv_unified: bool = typer.Option(None, "--kv-unified/--kv-split", help="One KV pool for all slots."),
+    poll: int = typer.Option(None, help="ggml worker polling between steps, 0-100 (default 0: sleep, leaving the CPU to HTTP)."),
     api_key: list[str] = typer.Option(None, help="Accepted API key (repeatable; default: DEEPSERVE_API_KEYS)."),
     no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),
+    sse_keepalive: float = typer.Option(None, help="Idle seconds before an SSE `: keep-alive` comment (default 10)."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
 ) -> None:
     """Serve the OpenAI-compatible API."""
     overrides = {
-        "model_path": model_path, "model_id": model_id, "host": host, "port": port, "threads": threads,
+        "model_path": model_path, "model_id": model_id, "models": model or None, "template": template,
+        "data_dir": data_dir, "host": host, "port": port, "threads": threads,
         "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
-        "kv_unified": kv_unified, "api_keys": api_key or None, "no_auth": no_auth,
+        "kv_unified": kv_unified, "poll": poll, "api_keys": api_key or None, "no_auth": no_auth,
+        "sse_keepalive_s": sse_keepalive,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    _check_models(settings)
     from deepserve.app import create_app
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -76,6 +88,19 @@ def serve(
         timeout_graceful_shutdown=10,
     )
     _Server(config, settings).run()
+
+
+def _check_models(settings: Settings) -> None:
+    """Refuse to start, with the command that fixes it, when a named model cannot be served."""
+    from deepserve.catalog import default_catalog
+    from deepserve.catalog.plan import ModelUnavailableError, plan_models
+    from deepserve.catalog.registry import LocalRegistry
+
+    try:
+        plan_models(settings, default_catalog(), LocalRegistry(settings.data_dir))
+    except ModelUnavailableError as exc:
+        typer.echo(f"deepserve: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
@@ -15,21 +16,34 @@ class Settings(BaseSettings):
     port: int = 8000
     model_path: str | None = Field(None, description="GGUF file; default: the bundled SmolLM2-135M-Instruct")
     model_id: str | None = Field(None, description="name clients use; default: derived from the file")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="catalog or registered ids to serve (default: every registered model)"
+    )
+    template: str | None = Field(None, description="built-in chat template for every model served")
+    data_dir: Path = Field(
+        Path("~/.local/share/deepserve"), validate_default=True, description="local model registry and pulled weights"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores)")
     ctx_size: int = Field(2048, ge=64, description="context window of one request (prompt + max_tokens)")
     parallel: int = Field(8, ge=1, le=256, description="sequences decoded together (slots)")
     batch_size: int = Field(512, ge=8, description="tokens per llama_decode (n_batch): caps prefill chunks")
     max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; more get 429")
     kv_unified: bool = False
+    poll: int = Field(0, ge=0, le=100, description="ggml worker polling level between steps (0: sleep, 100: spin)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     no_auth: bool = False
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    sse_keepalive_s: float = Field(10.0, gt=0, description="idle seconds before a `: keep-alive` SSE comment")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "models", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        # DEEPSERVE_API_KEYS=key1,key2 (a comma-separated list, not JSON)
+        # DEEPSERVE_API_KEYS=key1,key2 / DEEPSERVE_MODELS=id1,id2 (comma-separated lists, not JSON)
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()

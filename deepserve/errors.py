@@ -26,6 +26,7 @@ class DeepserveError(Exception):
         self.param = param
         self.code = code or self.default_code
         self.headers: dict[str, str] = {}
+        self.details: list[str] = []  # the separate problems, when there are several (one per invalid field)
 
 
 class InvalidRequestError(DeepserveError):

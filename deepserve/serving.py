@@ -1,8 +1,10 @@
 """What every dialect shares between its schema and its renderer.
 
 `ServedModel` turns messages or a raw prompt into prompt tokens the way the model was trained
-(GGUF chat template). `generate()` runs n choices of one request on the engine and yields
-(choice index, delta) pairs, merged as they arrive. Dialects call these and never touch the engine.
+(GGUF chat template, else the catalog's built-in one) and carries the model's catalog entry, whose defaults
+(max_tokens, temperature, top_p, prices) the dialects apply. `generate()` runs n choices of one request on
+the engine and yields (choice index, delta) pairs, merged as they arrive. Dialects call these and never
+touch the engine.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from deepserve.catalog import Catalog, CatalogEntry
+from deepserve.catalog.registry import LocalRegistry
 from deepserve.engine.base import Engine
 from deepserve.engine.types import FinishReason, GenerateRequest, SamplingParams, TokenDelta, TokenLogprob, next_request_id
-from deepserve.errors import ModelNotFoundError
+from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.templates.chat import ChatTemplate
 
 
@@ -27,6 +31,7 @@ class ServedModel:
     template: ChatTemplate
     owned_by: str = "deepserve"
     created: int = field(default_factory=lambda: int(time.time()))
+    catalog: CatalogEntry | None = None  # the model's facts, when the catalog knows it
 
     @property
     def ctx_size(self) -> int:
@@ -42,27 +47,92 @@ class ServedModel:
         return self.engine.tokenize(prompt, add_special=True, parse_special=False)
 
     def resolve_max_tokens(self, requested: int | None, num_prompt_tokens: int) -> int:
-        """An omitted max_tokens means "up to the end of the context window", as vLLM does."""
+        """An omitted max_tokens means the catalog's default for this model (e.g. 100 for deepseek-r1-32b),
+        else "up to the end of the context window", as vLLM does; never more than the window has room for.
+        A request above the catalog's limit is refused."""
+        entry = self.catalog
         if requested is not None:
+            if entry is not None and entry.max_tokens_limit is not None and requested > entry.max_tokens_limit:
+                raise InvalidRequestError(
+                    f"max_tokens is {requested}, but {self.model_id} allows at most {entry.max_tokens_limit}.",
+                    param="max_tokens",
+                )
             return requested
-        return max(1, self.ctx_size - num_prompt_tokens)
+        room = max(1, self.ctx_size - num_prompt_tokens)
+        if entry is not None and entry.default_max_tokens is not None:
+            return min(entry.default_max_tokens, room)
+        return room
+
+    def card_facts(self) -> dict[str, Any]:
+        """Catalog facts for a model listing (GET /v1/models): window, prices, aliases, defaults."""
+        entry = self.catalog
+        if entry is None:
+            return {}
+        facts: dict[str, Any] = {
+            "context_window": entry.context_window,
+            "family": entry.family,
+            "architecture": entry.architecture,
+            "aliases": list(entry.aliases),
+            "reasoning": entry.reasoning,
+        }
+        if entry.prices is not None:
+            facts["pricing"] = {
+                "unit": "nanodollars_per_million_tokens",  # integers: 1e-9 USD per 1,000,000 tokens
+                "input": entry.prices.input,
+                "cached_input": entry.prices.cached_input,
+                "output": entry.prices.output,
+            }
+        defaults = {k: v for k, v in (("max_tokens", entry.default_max_tokens), ("temperature", entry.temperature),
+                                      ("top_p", entry.top_p)) if v is not None}
+        if defaults:
+            facts["defaults"] = defaults
+        if entry.max_tokens_limit is not None:
+            facts["max_tokens_limit"] = entry.max_tokens_limit
+        return facts
 
 
 class ModelRegistry:
-    def __init__(self) -> None:
+    """The models this server serves, found by id or catalog alias.
+
+    With the catalog (and the local registry) it also explains why a known model is not served: weights not
+    pulled, weights present but not loaded, or a model that only an upstream engine may serve.
+    """
+
+    def __init__(self, catalog: Catalog | None = None, local: LocalRegistry | None = None) -> None:
         self._models: dict[str, ServedModel] = {}
+        self._names: dict[str, str] = {}  # every name a served model answers to -> its model_id
+        self.catalog = catalog
+        self.local = local
 
     def add(self, model: ServedModel) -> None:
         self._models[model.model_id] = model
+        self._names[model.model_id] = model.model_id
+        for name in model.catalog.names if model.catalog else ():
+            self._names.setdefault(name, model.model_id)
 
     def get(self, model_id: str) -> ServedModel:
-        model = self._models.get(model_id)
-        if model is None:
-            available = ", ".join(sorted(self._models)) or "none"
-            raise ModelNotFoundError(
-                f"The model `{model_id}` does not exist. Available models: {available}.", param="model"
-            )
-        return model
+        served = self._names.get(model_id)
+        if served is not None:
+            return self._models[served]
+        available = ", ".join(sorted(self._models)) or "none"
+        entry = self.catalog.find(model_id) if self.catalog is not None else None
+        if entry is None:
+            message = f"The model `{model_id}` does not exist. Available models: {available}."
+        elif not entry.can_run_in_process:
+            message = (f"The model `{model_id}` ({entry.id}) is served only by an upstream engine (vLLM or SGLang), "
+                       f"and this server has none configured. Available models: {available}.")
+        elif entry.bundled or self._has_weights(entry.id):
+            message = (f"The model `{model_id}` is not loaded by this server. Restart it with "
+                       f"`deepserve serve --model {entry.id}`. Available models: {available}.")
+        else:
+            message = (f"The model `{model_id}` is in the catalog, but its weights are not on this server. "
+                       f"Fetch them with `deepserve models pull {entry.id}` and restart the server. "
+                       f"Available models: {available}.")
+        raise ModelNotFoundError(message, param="model")
+
+    def _has_weights(self, model_id: str) -> bool:
+        local = self.local.get(model_id) if self.local is not None else None
+        return local is not None and local.is_present
 
     def __iter__(self):
         return iter(self._models.values())

@@ -5,6 +5,24 @@ import openai
 import pytest
 
 from tests.server import RunningServer, start_server
+from tests.tiny_gguf import SPECS, build_tiny_gguf
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """No test sees the developer's registered models: every server and CLI run gets an empty data dir."""
+    path = tmp_path_factory.mktemp("deepserve-data")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DEEPSERVE_DATA_DIR", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny random-weight GGUF files, one per DeepSeek architecture (tests/tiny_gguf.py): family -> path."""
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    return {family: str(build_tiny_gguf(folder / f"{family}.gguf", family)) for family in SPECS}
 
 
 @pytest.fixture(scope="session")

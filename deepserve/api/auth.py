@@ -24,13 +24,12 @@ class StaticKeyStore:
         self._keys = [k.encode() for k in keys]
         self.allow_anonymous = allow_anonymous
 
-    def authenticate(self, key: str | None) -> Principal:
+    def authenticate(self, key: str | None, *, how: str = "Authorization: Bearer <key>") -> Principal:
+        """`how` tells a caller without a key how this route takes it."""
         if self.allow_anonymous:
             return Principal("anonymous")
         if not key:
-            raise AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
-            )
+            raise AuthenticationError(f"You didn't provide an API key. Send it as '{how}'.")
         given = key.encode()
         matched = -1
         for i, known in enumerate(self._keys):  # check every key: timing reveals nothing
@@ -49,6 +48,21 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() or None
 
 
+def _authenticated(request: Request, key: str | None, how: str) -> Principal:
+    principal = request.app.state.key_store.authenticate(key, how=how)
+    request.state.principal = principal  # for error renderers and billing, which run outside the route
+    return principal
+
+
 async def require_bearer(request: Request) -> Principal:
-    """FastAPI dependency for routes that take `Authorization: Bearer <key>`."""
-    return request.app.state.key_store.authenticate(bearer_token(request))
+    """FastAPI dependency for routes that take `Authorization: Bearer <key>` (OpenAI, Workers AI, Dataoorts)."""
+    return _authenticated(request, bearer_token(request), "Authorization: Bearer <key>")
+
+
+def api_key_header(request: Request) -> str | None:
+    return request.headers.get("x-api-key", "").strip() or None
+
+
+async def require_api_key(request: Request) -> Principal:
+    """FastAPI dependency for routes that take `x-api-key: <key>` (Segmind). A Bearer header is not read."""
+    return _authenticated(request, api_key_header(request), "x-api-key: <key>")

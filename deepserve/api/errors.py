@@ -1,7 +1,8 @@
 """Maps every error to the caller's dialect envelope, in one place.
 
-Each dialect registers a path prefix and a function that turns a DeepserveError into its response;
-anything else (including FastAPI's own validation and routing errors) is converted first.
+Each dialect registers the paths it owns (a prefix, or a predicate on the path) and a function that turns a
+DeepserveError into its response; anything else (including FastAPI's own validation and routing errors) is
+converted first. Renderers also get the request: a dialect may put per-caller facts in its error headers.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from deepserve.errors import DeepserveError, InvalidRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-ErrorRenderer = Callable[[DeepserveError], Response]
+ErrorRenderer = Callable[[DeepserveError, Request], Response]
+PathMatch = str | Callable[[str], bool]  # a path prefix, or a predicate on the path
 
 
-def openai_error_response(error: DeepserveError) -> Response:
+def openai_error_response(error: DeepserveError, request: Request | None = None) -> Response:
     body = {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    problems = []
+    problems: list[str] = []
     param = None
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -36,7 +38,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
         where = ".".join(loc) or "body"
         param = param or (loc[0] if loc else None)
         problems.append(f"{where}: {err.get('msg')}")
-    return InvalidRequestError("Invalid request: " + "; ".join(problems), param=param)
+    error = InvalidRequestError("Invalid request: " + "; ".join(problems), param=param)
+    error.details = problems
+    return error
 
 
 def http_error(exc: StarletteHTTPException) -> DeepserveError:
@@ -46,28 +50,40 @@ def http_error(exc: StarletteHTTPException) -> DeepserveError:
         error = DeepserveError("Method not allowed on this route.")
         error.status_code = 405
         error.error_type = "invalid_request_error"
-        return error
-    error = DeepserveError(str(exc.detail))
-    error.status_code = exc.status_code
-    error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    else:
+        error = DeepserveError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    error.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return error
 
 
 class ErrorRouter:
     def __init__(self, default: ErrorRenderer = openai_error_response):
+        self._by_predicate: list[tuple[Callable[[str], bool], ErrorRenderer]] = []
         self._by_prefix: list[tuple[str, ErrorRenderer]] = []
         self._default = default
 
-    def register(self, path_prefix: str, renderer: ErrorRenderer) -> None:
-        self._by_prefix.append((path_prefix, renderer))
+    def register(self, match: PathMatch, renderer: ErrorRenderer) -> None:
+        """`match` is a path prefix (the longest matching one wins) or a predicate on the path (checked
+        first, in registration order: for dialects whose paths share a prefix with another's)."""
+        if callable(match):
+            self._by_predicate.append((match, renderer))
+            return
+        self._by_prefix.append((match, renderer))
         self._by_prefix.sort(key=lambda item: -len(item[0]))  # most specific first
 
-    def render(self, request: Request, error: DeepserveError) -> Response:
-        path = request.url.path
+    def renderer_for(self, path: str) -> ErrorRenderer:
+        for predicate, renderer in self._by_predicate:
+            if predicate(path):
+                return renderer
         for prefix, renderer in self._by_prefix:
             if path.startswith(prefix):
-                return renderer(error)
-        return self._default(error)
+                return renderer
+        return self._default
+
+    def render(self, request: Request, error: DeepserveError) -> Response:
+        return self.renderer_for(request.url.path)(error, request)
 
     def install(self, app: FastAPI) -> None:
         @app.exception_handler(DeepserveError)

@@ -1,4 +1,4 @@
-"""Server-sent events: framing and the streaming response.
+"""Server-sent events: framing, keep-alive comments and the streaming response.
 
 A client that disconnects makes Starlette cancel the response; the cancellation reaches the
 engine stream's `finally`, which aborts the request within one engine step.
@@ -6,6 +6,8 @@ engine stream's `finally`, which aborts the request within one engine step.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 DONE = b"data: [DONE]\n\n"
+KEEPALIVE_INTERVAL_S = 10.0
+_END = object()
 
 
 def event(payload: dict[str, Any]) -> bytes:
@@ -23,8 +27,55 @@ def comment(text: str = "keep-alive") -> bytes:
     return f": {text}\n\n".encode()
 
 
+async def with_keepalive(events: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """Yield `events`, plus a `: keep-alive` comment whenever none came for `interval_s` (as DeepSeek
+    does while a request waits in the queue), so proxies and clients do not time the stream out.
+
+    The events are pulled by a separate task: timing out a wait on a queue is safe, whereas timing out
+    the generator itself would cancel (and so abort) the request.
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(events):
+                async for item in events:
+                    await queue.put(item)
+        except Exception as exc:  # surfaced to the consumer below
+            await queue.put(exc)
+        await queue.put(_END)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=interval_s)
+            except TimeoutError:
+                yield comment()
+                continue
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class EventStreamResponse(StreamingResponse):
+    """A StreamingResponse that adds keep-alive comments at the interval the app's settings give."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        settings = getattr(scope["app"].state, "settings", None)
+        interval_s = getattr(settings, "sse_keepalive_s", KEEPALIVE_INTERVAL_S)
+        self.body_iterator = with_keepalive(self.body_iterator, interval_s)
+        await super().__call__(scope, receive, send)
+
+
 def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return StreamingResponse(
+    return EventStreamResponse(
         events,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},

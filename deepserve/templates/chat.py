@@ -1,13 +1,18 @@
-"""Chat templates: the Jinja template embedded in the GGUF, rendered in a sandbox.
+"""Chat templates: the Jinja template embedded in the GGUF, or a built-in one, rendered in a sandbox.
 
 Templates are written for Hugging Face's `apply_chat_template`, so we offer the same environment:
 `raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text, loop controls, and
 trim_blocks/lstrip_blocks.
+
+Built-in templates (`builtin/<name>.jinja`) cover the DeepSeek families for GGUF files that carry no
+template of their own, or when the operator names one (`--template NAME`).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib.resources
 import json
 from typing import Any
 
@@ -16,13 +21,31 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from deepserve.errors import InvalidRequestError
 
-# Used only when a GGUF carries no template (issue B adds DeepSeek's own families).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+BUILTIN_TEMPLATE_NAMES = ("chatml", "deepseek-coder", "deepseek-llm", "deepseek-r1")
+
+
+@functools.cache
+def builtin_template(name: str) -> str:
+    """The source of a built-in template; ValueError names the ones that exist."""
+    if name not in BUILTIN_TEMPLATE_NAMES:
+        raise ValueError(f"unknown chat template {name!r}; built-in templates: {', '.join(BUILTIN_TEMPLATE_NAMES)}")
+    return importlib.resources.files("deepserve.templates").joinpath("builtin", f"{name}.jinja").read_text("utf-8")
+
+
+# The last resort when neither the GGUF, the catalog nor the operator names a template.
+CHATML_TEMPLATE = builtin_template("chatml")
+
+
+def choose_template_source(*, operator: str | None, gguf: str | None, catalog: str | None) -> str:
+    """The template a model is served with: the one the operator names (`--template`, `models add --template`),
+    else the GGUF's own, else the catalog's built-in one for its family, else ChatML."""
+    if operator:
+        return builtin_template(operator)
+    if gguf:
+        return gguf
+    if catalog:
+        return builtin_template(catalog)
+    return CHATML_TEMPLATE
 
 
 def _raise_exception(message: str) -> None:

@@ -28,6 +28,7 @@ def _model_card(model: ServedModel) -> dict[str, Any]:
         "created": model.created,
         "owned_by": model.owned_by,
         "max_model_len": model.ctx_size,
+        **model.card_facts(),  # catalog facts: context_window, pricing, aliases, defaults
     }
 
 
@@ -51,7 +52,11 @@ def _raise_on_error(choices: list[ChoiceResult]) -> None:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, _: Principal = Depends(require_bearer)
 ) -> Response:
-    model: ServedModel = request.app.state.models.get(body.model)
+    return await chat_completion_response(body, request.app.state.models.get(body.model))
+
+
+async def chat_completion_response(body: ChatCompletionRequest, model: ServedModel) -> Response:
+    """The OpenAI answer to `body` on `model`; also what the Workers AI and Segmind chat routes answer."""
     prompt_tokens = model.chat_prompt_tokens(body.template_messages())
     sampling = body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens, len(prompt_tokens)))
     stream = generate(model.engine, prompt_tokens, sampling, body.n)

@@ -59,6 +59,7 @@ class LlamaCppEngine:
         threads: int | None = None,
         max_queue: int = 64,
         kv_unified: bool = False,
+        poll: int | None = 0,
     ):
         self.model_id = model_id
         self.model_path = model_path
@@ -72,6 +73,7 @@ class LlamaCppEngine:
             batch_size=batch_size,
             num_threads=threads,
             kv_unified=kv_unified,
+            poll=poll,
         )
         self.scheduler = Scheduler(parallel, batch_size)
         self.counters = EngineCounters()

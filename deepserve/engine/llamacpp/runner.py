@@ -10,10 +10,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import llama_cpp as llama
+import llama_cpp.llama_cpp as llama_bindings
 import numpy as np
 
 from deepserve.engine.types import SamplingParams
@@ -55,6 +58,47 @@ class DecodeError(RuntimeError):
     pass
 
 
+class _ThreadpoolParams(ctypes.Structure):
+    # ggml.h `struct ggml_threadpool_params` (GGML_MAX_N_THREADS = 512)
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+def _new_threadpool(num_threads: int, poll: int) -> int:
+    """A ggml CPU threadpool with the given polling level.
+
+    The bindings do not wrap llama_attach_threadpool, so we call the C API directly. Why: by default
+    ggml's worker threads spin (poll level 50) between graph computations. In a server, that is
+    exactly when the Python side samples, detokenises and writes HTTP; on a small machine the spinning
+    workers take the cores those threads need. Poll 0 makes the workers sleep instead.
+    """
+    lib_dir = Path(llama.__file__).parent / "lib"
+    base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    cpu = ctypes.CDLL(str(lib_dir / "libggml-cpu.so"))
+    base.ggml_threadpool_params_default.restype = _ThreadpoolParams
+    base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+    cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+    cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+    params = base.ggml_threadpool_params_default(num_threads)
+    params.poll = poll
+    pool = cpu.ggml_threadpool_new(ctypes.byref(params))
+    if not pool:
+        raise RuntimeError("could not create a ggml threadpool")
+    return pool
+
+
+def _free_threadpool(pool: int) -> None:
+    cpu = ctypes.CDLL(str(Path(llama.__file__).parent / "lib" / "libggml-cpu.so"))
+    cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    cpu.ggml_threadpool_free(pool)
+
+
 class LlamaRunner:
     def __init__(
         self,
@@ -65,6 +109,7 @@ class LlamaRunner:
         batch_size: int = 512,
         num_threads: int | None = None,
         kv_unified: bool = False,
+        poll: int | None = 0,
     ):
         _init_backend()
         model_params = llama.llama_model_default_params()
@@ -93,6 +138,13 @@ class LlamaRunner:
         if not self._ctx:
             llama.llama_model_free(self._model)
             raise RuntimeError("could not create a llama.cpp context (out of memory?)")
+        self._threadpool = None
+        if poll is not None:
+            self._threadpool = _new_threadpool(threads or os.cpu_count() or 1, poll)
+            attach = llama_bindings._lib.llama_attach_threadpool
+            attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            attach.restype = None
+            attach(self._ctx, self._threadpool, self._threadpool)
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(batch_size, 0, 1)
         self._piece_cache: dict[int, bytes] = {}
@@ -259,4 +311,6 @@ class LlamaRunner:
         self._closed = True
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
+        if self._threadpool:
+            _free_threadpool(self._threadpool)
         llama.llama_model_free(self._model)

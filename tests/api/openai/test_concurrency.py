@@ -79,3 +79,27 @@ def test_full_waiting_queue_answers_429_with_retry_after():
             assert after.choices[0].finish_reason in ("stop", "length")
     finally:
         running.stop()
+
+
+def test_waiting_stream_gets_keepalive_comments_then_its_answer():
+    running = start_server("--parallel", "1", "--ctx-size", "4096", "--sse-keepalive", "0.2")
+    try:
+        headers = {"Authorization": f"Bearer {running.api_key}"}
+        body = {"model": running.model, "messages": [{"role": "user", "content": "Go on."}], "stream": True}
+        with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
+            with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 3000, "ignore_eos": True}) as first:
+                first_lines = first.iter_lines()
+                while "content" not in next(first_lines):  # the only slot is now busy
+                    pass
+                with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 3}) as waiting:
+                    lines = waiting.iter_lines()
+                    assert next(lines).startswith("data: ")  # role chunk comes at once
+                    while (line := next(lines)) == "":
+                        pass
+                    assert line == ": keep-alive"
+                    first.close()  # free the slot: the waiting request runs
+                    rest = [line for line in lines if line.startswith("data: ")]
+                    assert rest[-1] == "data: [DONE]"
+                    assert any('"finish_reason":"length"' in line for line in rest)
+    finally:
+        running.stop()

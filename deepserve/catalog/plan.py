@@ -1,0 +1,97 @@
+"""Which models `deepserve serve` loads, decided before any weights are read.
+
+- `--model-path FILE [--model-id ID]`: that file alone (ID may be a catalog id or alias: it gets the facts).
+- `--model ID` (repeatable): those models, from the catalog's bundled entry or the local registry; a model
+  whose weights are absent stops the start with the command that fetches them.
+- neither: the bundled model plus every registered model whose file is present.
+`--template NAME` gives every model of this run that built-in template; else a model keeps the one it was
+registered with (`models add --template`), else its GGUF's own, else its catalog family's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepserve.bundled import BUNDLED_MODEL_ID, bundled_model_path
+from deepserve.catalog import Catalog, CatalogEntry
+from deepserve.catalog.registry import LocalRegistry
+from deepserve.config import Settings
+from deepserve.templates.chat import BUILTIN_TEMPLATE_NAMES
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model asked for at start-up cannot be served here; the message says what to run."""
+
+
+@dataclass(slots=True)
+class ModelPlan:
+    model_id: str
+    path: str
+    entry: CatalogEntry | None  # catalog facts, when the catalog knows the model
+    template: str | None = None  # built-in template the operator chose; wins over the GGUF's own
+
+
+def plan_models(settings: Settings, catalog: Catalog, local: LocalRegistry) -> list[ModelPlan]:
+    if settings.template is not None and settings.template not in BUILTIN_TEMPLATE_NAMES:
+        raise ModelUnavailableError(
+            f"unknown chat template {settings.template!r}; built-in templates: {', '.join(BUILTIN_TEMPLATE_NAMES)}"
+        )
+    if settings.model_path:
+        model_id = settings.model_id or Path(settings.model_path).name.removesuffix(".gguf")
+        entry = catalog.find(model_id)
+        if entry is not None and not entry.can_run_in_process:
+            raise ModelUnavailableError(_upstream_only(entry))
+        return [ModelPlan(model_id, settings.model_path, entry, settings.template)]
+    if settings.models:
+        plans: dict[str, ModelPlan] = {}
+        for name in settings.models:
+            plan = _named(name, settings, catalog, local)
+            plans.setdefault(plan.model_id, plan)  # an id and its alias name one model
+        return list(plans.values())
+    plans = [_bundled(settings, catalog, settings.model_id or BUNDLED_MODEL_ID)]
+    for model in local.all():
+        if not model.is_present:
+            log.warning("registered model %s is skipped: its file %s is missing", model.id, model.path)
+            continue
+        entry = catalog.find(model.id)
+        if entry is not None and not entry.can_run_in_process:
+            continue
+        plans.append(ModelPlan(model.id, model.path, entry, settings.template or model.template))
+    return plans
+
+
+def _bundled(settings: Settings, catalog: Catalog, model_id: str) -> ModelPlan:
+    return ModelPlan(model_id, str(bundled_model_path()), catalog.find(BUNDLED_MODEL_ID), settings.template)
+
+
+def _named(name: str, settings: Settings, catalog: Catalog, local: LocalRegistry) -> ModelPlan:
+    entry = catalog.find(name)
+    model_id = entry.id if entry is not None else name
+    if entry is not None and entry.bundled:
+        return _bundled(settings, catalog, entry.id)
+    if entry is not None and not entry.can_run_in_process:
+        raise ModelUnavailableError(_upstream_only(entry))
+    model = local.get(model_id)
+    if model is None or not model.is_present:
+        if entry is not None:
+            raise ModelUnavailableError(
+                f"the weights of {entry.id} are not on this machine: fetch them with "
+                f"`deepserve models pull {entry.id}` (or register a local file with "
+                f"`deepserve models add {entry.id} --gguf PATH`)."
+            )
+        if model is not None:
+            raise ModelUnavailableError(f"{model_id} is registered, but its file {model.path} is missing.")
+        raise ModelUnavailableError(
+            f"unknown model {name!r}: it is neither in the catalog (`deepserve models list`) nor registered "
+            f"(`deepserve models add {name} --gguf PATH`)."
+        )
+    return ModelPlan(model_id, model.path, entry, settings.template or model.template)
+
+
+def _upstream_only(entry: CatalogEntry) -> str:
+    return (f"{entry.id} is served only by an upstream engine (vLLM or SGLang on GPUs), never by the in-process "
+            "llama.cpp engine; serve other weights under a name of your own.")

@@ -1,0 +1,75 @@
+"""Which models `deepserve serve` loads, decided before any weights are read."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepserve.bundled import BUNDLED_MODEL_ID, bundled_model_path
+from deepserve.catalog import default_catalog
+from deepserve.catalog.plan import ModelUnavailableError, plan_models
+from deepserve.catalog.registry import LocalModel, LocalRegistry
+from deepserve.config import Settings
+
+R1_32B = "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
+
+
+@pytest.fixture()
+def registry(tmp_path) -> LocalRegistry:
+    return LocalRegistry(tmp_path / "data")
+
+
+@pytest.fixture()
+def gguf(tmp_path):
+    path = tmp_path / "w.gguf"
+    path.write_bytes(b"GGUF")
+    return str(path)
+
+
+def plan(registry, **settings):
+    return plan_models(Settings(data_dir=registry.data_dir, **settings), default_catalog(), registry)
+
+
+def test_default_is_the_bundled_model_plus_every_registered_one_present(registry, gguf):
+    registry.add(LocalModel(id=R1_32B, path=gguf, source="pull"))
+    registry.add(LocalModel(id="mine", path=gguf, source="add", template="deepseek-llm"))
+    registry.add(LocalModel(id="gone", path=gguf + ".missing", source="add"))
+    plans = plan(registry)
+    assert [(p.model_id, p.template) for p in plans] == [
+        (BUNDLED_MODEL_ID, None), (R1_32B, None), ("mine", "deepseek-llm")]
+    assert plans[0].path == str(bundled_model_path()) and plans[0].entry.owned_by == "HuggingFaceTB"
+    assert plans[1].entry.id == R1_32B and plans[2].entry is None
+
+
+def test_named_models_resolve_aliases_and_skip_the_bundled_one(registry, gguf):
+    registry.add(LocalModel(id=R1_32B, path=gguf, source="pull"))
+    plans = plan(registry, models=["deepseek-r1-32b", R1_32B])
+    assert [p.model_id for p in plans] == [R1_32B]
+    assert [p.model_id for p in plan(registry, models=["SmolLM2-135M-Instruct", "deepseek-r1-32b"])] == [
+        BUNDLED_MODEL_ID, R1_32B]
+
+
+def test_a_named_model_without_weights_names_the_pull_command(registry):
+    with pytest.raises(ModelUnavailableError, match="`deepserve models pull deepseek-ai/deepseek-coder-6.7b-instruct`"):
+        plan(registry, models=["deepseek-coder-6.7b-instruct"])
+    with pytest.raises(ModelUnavailableError, match="upstream engine"):
+        plan(registry, models=["deepseek-reasoner"])
+    with pytest.raises(ModelUnavailableError, match="models add nonsense --gguf PATH"):
+        plan(registry, models=["nonsense"])
+
+
+def test_model_path_serves_that_file_with_the_facts_of_the_id_it_is_given(registry, gguf):
+    [only] = plan(registry, model_path=gguf, model_id="deepseek-r1-32b", template="deepseek-r1")
+    assert (only.model_id, only.path, only.entry.id, only.template) == ("deepseek-r1-32b", gguf, R1_32B, "deepseek-r1")
+    [anonymous] = plan(registry, model_path=gguf)
+    assert anonymous.model_id == "w" and anonymous.entry is None
+    with pytest.raises(ModelUnavailableError, match="upstream engine"):
+        plan(registry, model_path=gguf, model_id="deepseek-reasoner")
+
+
+def test_operator_template_overrides_the_registered_one(registry, gguf):
+    registry.add(LocalModel(id="mine", path=gguf, source="add", template="deepseek-llm"))
+    assert plan(registry, models=["mine"])[0].template == "deepseek-llm"
+    assert plan(registry, models=["mine"], template="chatml")[0].template == "chatml"
+    assert [p.template for p in plan(registry, template="chatml")] == ["chatml", "chatml"]
+    with pytest.raises(ModelUnavailableError, match="unknown chat template"):
+        plan(registry, template="alpaca")

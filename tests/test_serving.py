@@ -1,0 +1,82 @@
+"""ServedModel's catalog defaults and ModelRegistry's answers, with a stand-in engine (no llama.cpp)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from deepserve.catalog import default_catalog
+from deepserve.catalog.registry import LocalModel, LocalRegistry
+from deepserve.errors import InvalidRequestError, ModelNotFoundError
+from deepserve.serving import ModelRegistry, ServedModel
+from deepserve.templates.chat import CHATML_TEMPLATE, ChatTemplate
+
+
+@dataclass
+class _Engine:
+    ctx_size: int = 1024
+
+    def close(self) -> None:
+        pass
+
+
+def served(model_id: str, catalog_name: str | None = None, ctx_size: int = 1024) -> ServedModel:
+    entry = default_catalog().get(catalog_name) if catalog_name else None
+    return ServedModel(model_id=model_id, engine=_Engine(ctx_size), template=ChatTemplate(CHATML_TEMPLATE),
+                       owned_by=entry.owned_by if entry else "deepserve", catalog=entry)
+
+
+def test_catalog_default_max_tokens_applies_when_the_request_gives_none():
+    r1 = served("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1-32b")
+    assert r1.resolve_max_tokens(None, 10) == 100
+    assert r1.resolve_max_tokens(None, 1000) == 24  # never past the end of the window
+    assert r1.resolve_max_tokens(500, 10) == 500
+    with pytest.raises(InvalidRequestError, match="at most 32768") as info:
+        r1.resolve_max_tokens(40000, 10)
+    assert info.value.param == "max_tokens"
+
+
+def test_without_a_catalog_default_max_tokens_fills_the_window():
+    assert served("plain").resolve_max_tokens(None, 24) == 1000
+    assert served("math", "@cf/deepseek-ai/deepseek-math-7b-base").resolve_max_tokens(None, 24) == 256
+
+
+def test_card_facts_carry_window_prices_and_defaults():
+    facts = served("deepseek-ai/deepseek-math-7b-instruct", "deepseek-math-7b-instruct").card_facts()
+    assert facts["context_window"] == 4096 and facts["family"] == "deepseek-math"
+    assert facts["pricing"] == {"unit": "nanodollars_per_million_tokens", "input": 100_000_000,
+                                "cached_input": 100_000_000, "output": 110_000_000}
+    r1 = served("r1", "deepseek-r1-32b").card_facts()
+    assert r1["defaults"] == {"max_tokens": 100, "temperature": 0.6, "top_p": 0.95}
+    assert r1["max_tokens_limit"] == 32768 and r1["reasoning"] is True and "pricing" not in r1
+    assert served("plain").card_facts() == {}
+
+
+def test_registry_finds_served_models_by_alias():
+    registry = ModelRegistry(default_catalog())
+    model = served("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1-32b")
+    registry.add(model)
+    assert registry.get("deepseek-r1-32b") is model
+    assert registry.get("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B") is model
+    assert list(registry) == [model]
+
+
+def test_registry_explains_why_a_catalog_model_is_not_served(tmp_path):
+    local = LocalRegistry(tmp_path)
+    gguf = tmp_path / "w.gguf"
+    gguf.write_bytes(b"GGUF")
+    local.add(LocalModel(id="deepseek-ai/deepseek-llm-7b-chat", path=str(gguf), source="pull"))
+    registry = ModelRegistry(default_catalog(), local)
+    registry.add(served("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"))
+
+    def message(name: str) -> str:
+        with pytest.raises(ModelNotFoundError) as info:
+            registry.get(name)
+        assert info.value.status_code == 404 and info.value.param == "model"
+        return info.value.message
+
+    assert "`deepserve models pull deepseek-ai/deepseek-coder-6.7b-instruct`" in message("deepseek-coder-6.7b-instruct")
+    assert "`deepserve serve --model deepseek-ai/deepseek-llm-7b-chat`" in message("deepseek-llm-7b-chat")
+    assert "upstream engine" in message("deepseek-reasoner")
+    assert message("gpt-4") == "The model `gpt-4` does not exist. Available models: SmolLM2-135M-Instruct."
