@@ -32,6 +32,8 @@ from deepserve.bundled import bundled_model_path  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 PROMPT = "Write a long story about a robot who learns to paint."
+# llama-server's own sampling defaults, sent to every peer so all do the same sampling work.
+SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 EOS_BANS = {"0": -100, "1": -100, "2": -100}  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
 
 
@@ -96,7 +98,7 @@ async def _one_stream(client: httpx.AsyncClient, url: str, body: dict, result: R
 async def http_run(base_url: str, model: str, concurrency: int, max_tokens: int) -> RunResult:
     body = {
         "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-        "stream": True, "temperature": 0.8, "ignore_eos": True, "logit_bias": EOS_BANS,
+        "stream": True, **SAMPLING, "ignore_eos": True, "logit_bias": EOS_BANS,
     }
     result = RunResult()
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
@@ -151,7 +153,7 @@ async def engine_run(engine, prompt_tokens: list[int], concurrency: int, max_tok
     result = RunResult()
 
     async def one() -> None:
-        params = SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(**SAMPLING, max_tokens=max_tokens, ignore_eos=True)
         start, last = time.perf_counter(), None
         async for delta in engine.submit(GenerateRequest(prompt_tokens=list(prompt_tokens), sampling=params)):
             if not delta.token_ids:

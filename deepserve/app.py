@@ -13,6 +13,7 @@ from starlette.requests import Request
 from deepserve import __version__
 from deepserve.api import health
 from deepserve.api.auth import StaticKeyStore
+from deepserve.api.disconnect import CancelOnDisconnect
 from deepserve.api.errors import ErrorRouter
 from deepserve.api.limits import BodySizeLimit
 from deepserve.api.dataoorts import routes as dataoorts_routes
@@ -118,4 +119,5 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
         return errors.render(Request(scope), error)
 
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=too_large)
+    app.add_middleware(CancelOnDisconnect)  # outermost: sees the client leave whatever the route does
     return app

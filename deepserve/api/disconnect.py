@@ -1,48 +1,57 @@
-"""Non-streaming requests: stop generating when the client hangs up before the answer is ready.
+"""Stop generating when the client hangs up, for every route, streaming or not.
 
-Starlette only notices a disconnect while it sends; a non-streaming handler sends once, at the end.
-So the handler's work runs in a task beside a watcher on the ASGI receive channel, which reports
-`http.disconnect` when the client goes away; then the work is cancelled, which aborts its requests.
+Starlette notices a disconnect only while it streams; a non-streaming handler would generate its whole
+answer for nobody. This ASGI middleware owns the `receive` channel: it forwards every message to the app
+and, when `http.disconnect` arrives before the response is complete, cancels the app. The cancellation
+reaches the engine stream's `finally`, which aborts the request within one engine step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import TypeVar
 
-from fastapi import Request
-
-from deepserve.errors import DeepserveError
-
-T = TypeVar("T")
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class ClientDisconnected(DeepserveError):
-    status_code = 499  # nginx's "client closed request": nobody reads it, but logs do
-    error_type = "client_disconnected"
+class CancelOnDisconnect:
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        inbox: asyncio.Queue[Message] = asyncio.Queue()
+        response_complete = False
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    task = asyncio.ensure_future(work)
+        async def tracked_send(message: Message) -> None:
+            nonlocal response_complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                response_complete = True
 
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
+        app_task = asyncio.ensure_future(self.app(scope, inbox.get, tracked_send))
+        client_left = False
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientDisconnected("The client closed the connection before the response was ready.")
+        async def pump() -> None:
+            nonlocal client_left
+            while True:
+                message = await receive()
+                inbox.put_nowait(message)
+                if message["type"] == "http.disconnect":
+                    if not response_complete and not app_task.done():
+                        client_left = True
+                        app_task.cancel()
+                    return
+
+        pump_task = asyncio.ensure_future(pump())
+        try:
+            await app_task
+        except asyncio.CancelledError:
+            if not client_left:  # we are being cancelled ourselves (shutdown): pass it on
+                raise
+        finally:
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task

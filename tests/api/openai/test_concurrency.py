@@ -103,3 +103,34 @@ def test_waiting_stream_gets_keepalive_comments_then_its_answer():
                     assert any('"finish_reason":"length"' in line for line in rest)
     finally:
         running.stop()
+
+
+def test_non_streaming_client_that_hangs_up_frees_its_slot():
+    import json
+    import socket
+
+    running = start_server("--parallel", "1", "--ctx-size", "4096")
+    try:
+        host, port = running.root_url.removeprefix("http://").split(":")
+        body = json.dumps({"model": running.model, "messages": [{"role": "user", "content": "Write a long essay."}],
+                           "max_tokens": 3000, "ignore_eos": True}).encode()
+        request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {running.api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        headers = {"Authorization": f"Bearer {running.api_key}"}
+        with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(request)
+                # wait until the engine is generating for it, then hang up without reading
+                while engine_stats(http)["num_running"] == 0:
+                    pass
+            short = http.post("/v1/chat/completions", json={
+                "model": running.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                "ignore_eos": True}).json()
+            assert short["choices"][0]["finish_reason"] == "length"
+            stats = engine_stats(http)
+        assert stats["num_requests_finished"] == 2
+        assert stats["num_generated_tokens"] < 3000
+    finally:
+        running.stop()
