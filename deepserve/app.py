@@ -12,7 +12,8 @@ from starlette.requests import Request
 
 from deepserve import __version__
 from deepserve.api import health
-from deepserve.api.auth import StaticKeyStore
+from deepserve.api import balance as balance_routes
+from deepserve.api.admin import routes as admin_routes
 from deepserve.api.disconnect import CancelOnDisconnect
 from deepserve.api.errors import ErrorRouter
 from deepserve.api.limits import BodySizeLimit
@@ -20,6 +21,9 @@ from deepserve.api.dataoorts import routes as dataoorts_routes
 from deepserve.api.openai import routes as openai_routes
 from deepserve.api.segmind import routes as segmind_routes
 from deepserve.api.workers_ai import routes as workers_ai_routes
+from deepserve.billing.headers import BillingHeaders
+from deepserve.billing.idempotency import IdempotencyMiddleware
+from deepserve.billing.service import Billing
 from deepserve.catalog import default_catalog
 from deepserve.catalog.plan import ModelPlan, plan_models
 from deepserve.catalog.registry import LocalRegistry
@@ -93,23 +97,32 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = models is None
         registry = models or ModelRegistry(default_catalog(), LocalRegistry(settings.data_dir))
-        if owned:
-            load_served_models(settings, registry)
-        app.state.models = registry
+        await billing.start()  # first: a database that cannot be reached stops the start before models load
         try:
-            yield
-        finally:
             if owned:
-                registry.close()
+                load_served_models(settings, registry)
+            app.state.models = registry
+            try:
+                yield
+            finally:
+                if owned:
+                    registry.close()
+        finally:
+            await billing.stop()
 
     app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.dev_key = dev_key
-    app.state.key_store = StaticKeyStore(keys, allow_anonymous=settings.no_auth)
+    billing = Billing(settings, keys)  # configured keys stay valid: the operator's own, unmetered
+    app.state.billing = billing
+    app.state.meter = billing.meter
+    app.state.key_store = billing.key_store
     errors = ErrorRouter()
     errors.install(app)
     app.state.errors = errors
     app.include_router(health.router)
+    app.include_router(balance_routes.router)
+    admin_routes.install(app)
     app.include_router(openai_routes.router)
     workers_ai_routes.install(app)
     dataoorts_routes.install(app)
@@ -118,6 +131,8 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     def too_large(scope, error):
         return errors.render(Request(scope), error)
 
+    app.add_middleware(BillingHeaders)  # x-remaining-credits, x-ratelimit-*: inside, so replays repeat them
+    app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=too_large)
     app.add_middleware(CancelOnDisconnect)  # outermost: sees the client leave whatever the route does
     return app

@@ -8,11 +8,21 @@ import sys
 import typer
 import uvicorn
 
+from deepserve.cli_credits import app as credits_app
+from deepserve.cli_db import app as db_app
+from deepserve.cli_keys import app as keys_app
 from deepserve.cli_models import app as models_app
+from deepserve.cli_prices import app as prices_app
+from deepserve.cli_usage import app as usage_app
 from deepserve.config import Settings
 
 app = typer.Typer(help="deepserve: self-hosted inference for DeepSeek models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+app.add_typer(credits_app, name="credits")
+app.add_typer(usage_app, name="usage")
+app.add_typer(prices_app, name="prices")
+app.add_typer(db_app, name="db")
 
 
 class _Server(uvicorn.Server):
@@ -67,6 +77,8 @@ def serve(
     poll: int = typer.Option(None, help="ggml worker polling between steps, 0-100 (default 0: sleep, leaving the CPU to HTTP)."),
     api_key: list[str] = typer.Option(None, help="Accepted API key (repeatable; default: DEEPSERVE_API_KEYS)."),
     no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),
+    database_url: str = typer.Option(None, help="Billing database URL (default: SQLite deepserve.db in the data dir)."),
+    admin_key: str = typer.Option(None, help="Key for the /admin/ API (default: DEEPSERVE_ADMIN_KEY; none: off)."),
     sse_keepalive: float = typer.Option(None, help="Idle seconds before an SSE `: keep-alive` comment (default 10)."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
 ) -> None:
@@ -76,7 +88,7 @@ def serve(
         "data_dir": data_dir, "host": host, "port": port, "threads": threads,
         "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
         "kv_unified": kv_unified, "poll": poll, "api_keys": api_key or None, "no_auth": no_auth,
-        "sse_keepalive_s": sse_keepalive,
+        "sse_keepalive_s": sse_keepalive, "database_url": database_url, "admin_key": admin_key,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     _check_models(settings)

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     poll: int = Field(0, ge=0, le=100, description="ggml worker polling level between steps (0: sleep, 100: spin)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     no_auth: bool = False
+    database_url: str | None = Field(
+        None, description="billing database (SQLAlchemy URL); default: SQLite file deepserve.db in data_dir"
+    )
+    admin_key: str | None = Field(None, description="key for the /admin/ API (no key: the admin API is off)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     sse_keepalive_s: float = Field(10.0, gt=0, description="idle seconds before a `: keep-alive` SSE comment")
 
@@ -42,6 +46,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        """`database_url`, else a SQLite file in `data_dir` (created on first use)."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'deepserve.db'}"
 
     @field_validator("data_dir", mode="after")
     @classmethod

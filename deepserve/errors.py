@@ -4,10 +4,15 @@
     ├── InvalidRequestError (400)         bad parameter value, malformed body
     │   └── ContextLengthError (400)      prompt + max_tokens do not fit the context window
     ├── PayloadTooLargeError (413)
-    ├── AuthenticationError (401)         missing, unknown or revoked key
+    ├── AuthenticationError (401)         missing, unknown, expired or revoked key
+    ├── InsufficientBalanceError (402)    the account cannot cover this request's worst-case cost
+    ├── PermissionDeniedError (403)       the key may not use this model (or the admin API)
     ├── NotFoundError (404)               unknown model or route
     │   └── ModelNotFoundError (404)
+    ├── ConflictError (409)               the same Idempotency-Key is still being answered
+    ├── IdempotencyMismatchError (422)    an Idempotency-Key reused for a different request
     ├── QueueFullError (429)              the engine's waiting queue is full: retry later
+    ├── RateLimitError (429)              the key's requests or tokens per minute are used up
     ├── EngineError (500)                 the engine failed this request (others keep running)
     └── ServiceUnavailableError (503)     not ready or shutting down
 """
@@ -50,6 +55,20 @@ class AuthenticationError(DeepserveError):
     default_code = "invalid_api_key"
 
 
+class InsufficientBalanceError(DeepserveError):
+    """DeepSeek answers 402 {"error": {"message": "Insufficient Balance", ...}}; each dialect maps it."""
+
+    status_code = 402
+    error_type = "insufficient_quota"
+    default_code = "insufficient_balance"
+
+
+class PermissionDeniedError(DeepserveError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
 class NotFoundError(DeepserveError):
     status_code = 404
     error_type = "not_found_error"
@@ -68,6 +87,26 @@ class QueueFullError(DeepserveError):
     def __init__(self, message: str, *, retry_after_s: int = 1):
         super().__init__(message)
         self.headers["Retry-After"] = str(retry_after_s)
+
+
+class RateLimitError(DeepserveError):
+    """A key's own limit (requests or tokens per minute); `headers` carry Retry-After and x-ratelimit-*."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class ConflictError(DeepserveError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "idempotency_key_in_use"
+
+
+class IdempotencyMismatchError(DeepserveError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
 
 
 class EngineError(DeepserveError):

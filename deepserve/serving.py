@@ -19,7 +19,9 @@ from typing import Any
 from deepserve.catalog import Catalog, CatalogEntry
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.engine.base import Engine
-from deepserve.engine.types import FinishReason, GenerateRequest, SamplingParams, TokenDelta, TokenLogprob, next_request_id
+from deepserve.engine.types import (
+    FinishReason, GenerateRequest, SamplingParams, TokenDelta, TokenLogprob, ToolCall, next_request_id,
+)
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.templates.chat import ChatTemplate
 
@@ -38,7 +40,9 @@ class ServedModel:
         return self.engine.ctx_size
 
     def chat_prompt_tokens(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True, **template_kwargs)
+        from deepserve.reasoning import strip_reasoning_history  # earlier reasoning never goes back in
+
+        text = self.template.render(strip_reasoning_history(messages), add_generation_prompt=True, **template_kwargs)
         # The template writes BOS itself when the model wants one; never add a second.
         return self.engine.tokenize(text, add_special=False, parse_special=True)
 
@@ -156,12 +160,18 @@ class ChoiceResult:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0
+    reasoning_text: str = ""  # deepseek reasoning format: the reasoning, apart from `text`
+    num_reasoning_tokens: int = 0  # of num_generated_tokens (completion tokens), those spent reasoning
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def add(self, delta: TokenDelta) -> None:
         self.text += delta.text
+        self.reasoning_text += delta.reasoning_text
+        self.tool_calls.extend(delta.tool_calls)
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
+            self.num_reasoning_tokens = delta.num_reasoning_tokens
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason
             self.error = delta.error
@@ -224,3 +234,69 @@ async def collect_stream(stream: AsyncIterator[tuple[int, TokenDelta]], n: int) 
         async for index, delta in stream:
             results[index].add(delta)
     return results
+
+
+async def metered_generate(
+    request: Any, model: ServedModel, prompt_tokens: list[int], sampling: SamplingParams, n: int = 1
+) -> AsyncIterator[tuple[int, TokenDelta]]:
+    """What every dialect route calls instead of `generate()`: the one place where a request is metered."""
+    (stream,) = await metered_generate_many(request, model, [prompt_tokens], sampling, n)
+    return stream
+
+
+async def metered_generate_many(
+    request: Any, model: ServedModel, prompts: list[list[int]], sampling: SamplingParams, n: int = 1
+) -> list[AsyncIterator[tuple[int, TokenDelta]]]:
+    """Several prompts of one request (/v1/completions), n choices each, metered as one request.
+
+    1. the caller (`request.state.principal`, set by auth) may use this model, else 403;
+    2. a metered key reserves the worst case (every prompt token, max_tokens x n per prompt) with one
+       conditional UPDATE, else 402 (or 429 for its rate limit) before the engine sees anything;
+    3. the engine generates;
+    4. when the last stream closes (done, client gone, engine error), what was computed is settled: the
+       reservation is replaced by the charge, one usage record and its ledger row.
+    Operator keys from configuration and --no-auth are not metered: their streams are `generate()`'s own.
+    `request.state` gets `remaining_nanodollars` and `ratelimit_headers` for the response headers.
+    """
+    from deepserve.billing.meter import Charge, check_model_allowed
+    from deepserve.billing.money import TokenPrices
+    from deepserve.errors import InsufficientBalanceError
+
+    principal = getattr(request.state, "principal", None)
+    names = (model.model_id, *(name for name in (model.catalog.names if model.catalog else ()) if name != model.model_id))
+    check_model_allowed(principal, model.model_id, names)
+    check_fits = getattr(model.engine, "check_fits", None)
+    for tokens in prompts:  # bad input is refused before any money moves
+        if check_fits is not None:
+            check_fits(len(tokens), sampling.max_tokens)
+    meter = getattr(request.app.state, "meter", None)
+    charge: Charge | None = None
+    if meter is not None and principal is not None and principal.is_metered:
+        prices = model.catalog.prices if model.catalog is not None else None
+        try:
+            reservation = await meter.reserve(
+                principal, model_names=names,
+                catalog_prices=TokenPrices(prices.input, prices.cached_input, prices.output) if prices else None,
+                num_prompt_tokens=sum(len(tokens) for tokens in prompts),
+                max_completion_tokens=sampling.max_tokens * n * len(prompts),
+            )
+        except InsufficientBalanceError as error:
+            request.state.remaining_nanodollars = getattr(error, "available_nanodollars", None)
+            raise
+        request.state.remaining_nanodollars = reservation.available_after
+        request.state.ratelimit_headers = reservation.rate_headers
+        charge = Charge(
+            meter, reservation, [len(tokens) for tokens in prompts], n, request.url.path,
+            on_settled=lambda available: setattr(request.state, "remaining_nanodollars", available),
+        )
+    streams: list[AsyncIterator[tuple[int, TokenDelta]]] = []
+    try:
+        for tokens in prompts:
+            streams.append(generate(model.engine, tokens, sampling, n))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        if charge is not None:
+            await charge.release()
+        raise
+    return charge.wrap(streams) if charge is not None else streams

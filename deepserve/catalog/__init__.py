@@ -17,6 +17,7 @@ from deepserve.templates.chat import BUILTIN_TEMPLATE_NAMES
 
 ARCHITECTURES = ("llama", "qwen2", "deepseek2")
 ENGINES = ("llama.cpp", "upstream")
+REASONING_FORMATS = ("deepseek", "raw", "hidden")
 NANODOLLARS_PER_DOLLAR = 1_000_000_000
 
 
@@ -73,6 +74,7 @@ class CatalogEntry:
     prices: Prices | None = None
     chat_template: str | None = None
     reasoning: bool = False
+    reasoning_format: str | None = None  # deepseek | raw | hidden: how its reasoning is returned by default
     fim: FimTokens | None = None
     gguf: dict[str, GgufSource] = field(default_factory=dict)
 
@@ -162,7 +164,7 @@ _REQUIRED = {"id": str, "family": str, "architecture": str, "owned_by": str, "nu
              "context_window": int}
 _OPTIONAL = {"aliases": list, "description": str, "engine": str, "bundled": bool, "num_active_parameters": int,
              "default_max_tokens": int, "max_tokens_limit": int, "max_prompt_chars": int, "chat_template": str,
-             "reasoning": bool, "sampling": dict, "prices": dict, "fim": dict, "gguf": dict}
+             "reasoning": bool, "reasoning_format": str, "sampling": dict, "prices": dict, "fim": dict, "gguf": dict}
 
 
 def _check(where: str, key: str, value: Any, kind: type) -> Any:
@@ -194,6 +196,8 @@ def _entry(raw: dict) -> CatalogEntry:
         raise CatalogError(f"{where}: architecture must be one of {ARCHITECTURES}")
     if f.get("engine", "llama.cpp") not in ENGINES:
         raise CatalogError(f"{where}: engine must be one of {ENGINES}")
+    if f.get("reasoning_format") is not None and f["reasoning_format"] not in REASONING_FORMATS:
+        raise CatalogError(f"{where}: reasoning_format must be one of {REASONING_FORMATS}")
     if f.get("chat_template") is not None and f["chat_template"] not in BUILTIN_TEMPLATE_NAMES:
         raise CatalogError(f"{where}: chat_template must be one of {BUILTIN_TEMPLATE_NAMES}")
     for key in ("num_parameters", "context_window", "num_active_parameters", "default_max_tokens",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # end-of-generation token or a stop string
     LENGTH = "length"  # max_tokens reached
+    TOOL_CALLS = "tool_calls"  # the model ended its turn with one or more tool calls
     ABORT = "abort"  # client went away or the engine shut down
     ERROR = "error"  # the engine failed this request
 
@@ -46,6 +47,35 @@ _FINISH_REASON_BY_STATUS = {
 }
 
 
+class ReasoningFormat(str, enum.Enum):
+    """How a reasoning model's `<think>` block is returned."""
+
+    DEEPSEEK = "deepseek"  # apart from the answer: `reasoning_content` (and `reasoning`) beside `content`
+    RAW = "raw"  # inline: `<think>...</think>` then the answer, all in `content` (seed 004)
+    HIDDEN = "hidden"  # dropped from the response, still counted (and billed) as completion tokens
+
+
+@dataclass(slots=True, frozen=True)
+class ReasoningParams:
+    """Reasoning options of one request (deepserve/reasoning.py does the parsing).
+
+    `enabled`: the model reasons (its catalog entry says so). Even when False, the engine parses reasoning
+    if the rendered prompt ends inside `<think>` (the template opened it). `budget`: most reasoning tokens
+    before the engine closes the block itself (None: no limit)."""
+
+    enabled: bool = True
+    format: ReasoningFormat = ReasoningFormat.DEEPSEEK
+    budget: int | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class GrammarSpec:
+    """A GBNF grammar the answer must follow (after the reasoning, for reasoning models)."""
+
+    gbnf: str
+    root: str = "root"
+
+
 @dataclass(slots=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
@@ -61,6 +91,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    reasoning: ReasoningParams | None = None  # None: the output is never parsed for reasoning (completions)
+    grammar: GrammarSpec | None = None  # structured output / forced tool calls
+    tool_format: str | None = None  # "deepseek" | "hermes": parse the model's tool calls out of the content
 
 
 _request_counter = itertools.count(1)
@@ -88,14 +121,27 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class ToolCall:
+    """One complete tool call the model made; `arguments` is a JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+    index: int = 0  # position among this choice's calls
+
+
+@dataclass(slots=True)
 class TokenDelta:
     """What one engine step produced for one request.
 
     `text` is safe to show: it never contains part of a stop string or an incomplete UTF-8 sequence.
-    The last delta of a request has `finish_reason` set and carries the final counts.
+    `reasoning_text` is the reasoning produced by this step (deepseek format only; raw puts the block in
+    `text`, hidden drops it). The last delta of a request has `finish_reason` set and carries the final counts.
     """
 
     text: str = ""
+    reasoning_text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -103,4 +149,5 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_generated_tokens: int = 0
+    num_reasoning_tokens: int = 0  # of num_generated_tokens, those spent thinking
     error: str | None = None

@@ -12,14 +12,15 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
-from deepserve.api.workers_ai.render import choice_usage
+from deepserve.api.workers_ai.render import choice_usage, with_reasoning
 from deepserve.errors import DeepserveError
 from deepserve.serving import ChoiceResult
 
 
 def result_body(choice: ChoiceResult) -> dict[str, Any]:
     usage = dict(sorted(choice_usage(choice).items()))  # keys in the seed's (alphabetical) order
-    return {"errors": [], "messages": [], "result": {"response": choice.text, "usage": usage}, "success": True}
+    result = with_reasoning({"response": choice.text, "usage": usage}, choice.reasoning_text)
+    return {"errors": [], "messages": [], "result": result, "success": True}
 
 
 def error_response(error: DeepserveError, request: Request | None = None) -> Response:

@@ -20,7 +20,7 @@ router = APIRouter(tags=["Dataoorts"])
 async def run(body: DataoortsRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model: ServedModel = request.app.state.models.get(body.model)
     prompt_tokens = model.chat_prompt_tokens(body.data.template_messages())
-    choice = await complete(model, prompt_tokens, body.data.to_sampling())
+    choice = await complete(request, model, prompt_tokens, body.data.to_sampling(model, len(prompt_tokens)))
     return JSONResponse(render.result_body(choice))
 
 

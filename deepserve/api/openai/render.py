@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any
 
-from deepserve.engine.types import FinishReason, TokenLogprob
+from deepserve.engine.types import FinishReason, TokenDelta, TokenLogprob, ToolCall
 from deepserve.serving import ChoiceResult
 
 
@@ -18,7 +18,9 @@ def finish_reason(reason: FinishReason | None) -> str | None:
     """Internal finish reasons as OpenAI names them. Errors are reported as errors, not as a reason."""
     if reason is None:
         return None
-    return "length" if reason == FinishReason.LENGTH else "stop"
+    if reason in (FinishReason.LENGTH, FinishReason.TOOL_CALLS):
+        return reason.value
+    return "stop"
 
 
 def usage(groups: list[list[ChoiceResult]]) -> dict[str, Any]:
@@ -27,15 +29,17 @@ def usage(groups: list[list[ChoiceResult]]) -> dict[str, Any]:
     num_prompt = sum(g[0].num_prompt_tokens for g in groups if g)
     num_cached = sum(max(c.num_cached_tokens for c in g) for g in groups if g)
     num_generated = sum(c.num_generated_tokens for g in groups for c in g)
-    return usage_counts(num_prompt, num_cached, num_generated)
+    num_reasoning = sum(c.num_reasoning_tokens for g in groups for c in g)
+    return usage_counts(num_prompt, num_cached, num_generated, num_reasoning)
 
 
-def usage_counts(num_prompt: int, num_cached: int, num_generated: int) -> dict[str, Any]:
+def usage_counts(num_prompt: int, num_cached: int, num_generated: int, num_reasoning: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": num_prompt,
-        "completion_tokens": num_generated,
+        "completion_tokens": num_generated,  # reasoning included, whatever the reasoning_format
         "total_tokens": num_prompt + num_generated,
         "prompt_tokens_details": {"cached_tokens": num_cached},
+        "completion_tokens_details": {"reasoning_tokens": num_reasoning},
         # DeepSeek's own names for the same prompt-cache figures
         "prompt_cache_hit_tokens": num_cached,
         "prompt_cache_miss_tokens": num_prompt - num_cached,
@@ -69,6 +73,40 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset_start: int) -> 
     }
 
 
+def tool_calls(calls: list[ToolCall], *, streaming: bool = False) -> list[dict[str, Any]]:
+    """OpenAI tool calls (a stream sends each whole call in one delta, with its index)."""
+    return [
+        {**({"index": c.index} if streaming else {}), "id": c.id, "type": "function",
+         "function": {"name": c.name, "arguments": c.arguments}}
+        for c in calls
+    ]
+
+
+def chat_message(choice: ChoiceResult) -> dict[str, Any]:
+    """The assistant message: content, the reasoning (deepseek format: as `reasoning_content` and `reasoning`,
+    the names DeepSeek's API and newer clients read), and tool calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+    if choice.reasoning_text:
+        message["reasoning_content"] = message["reasoning"] = choice.reasoning_text
+    if choice.tool_calls:
+        message["tool_calls"] = tool_calls(choice.tool_calls)
+        if not choice.text.strip():
+            message["content"] = None
+    return message
+
+
+def chat_delta(delta: TokenDelta) -> dict[str, Any]:
+    """The `delta` of a stream chunk for one engine delta: reasoning, content and tool calls it carries."""
+    out: dict[str, Any] = {}
+    if delta.reasoning_text:
+        out["reasoning_content"] = out["reasoning"] = delta.reasoning_text
+    if delta.text:
+        out["content"] = delta.text
+    if delta.tool_calls:
+        out["tool_calls"] = tool_calls(delta.tool_calls, streaming=True)
+    return out
+
+
 def chat_completion(response_id: str, model: str, choices: list[ChoiceResult], want_logprobs: bool) -> dict[str, Any]:
     return {
         "id": response_id,
@@ -78,7 +116,7 @@ def chat_completion(response_id: str, model: str, choices: list[ChoiceResult], w
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": chat_message(c),
                 "logprobs": chat_logprobs(c.logprobs) if want_logprobs else None,
                 "finish_reason": finish_reason(c.finish_reason),
                 "stop_reason": c.stop_reason,

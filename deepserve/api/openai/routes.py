@@ -14,9 +14,10 @@ from deepserve.api import sse
 from deepserve.api.auth import Principal, require_bearer
 from deepserve.api.openai import render
 from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+from deepserve.chat_options import apply_model_defaults, prepare_chat
 from deepserve.engine.types import TokenDelta
 from deepserve.errors import EngineError
-from deepserve.serving import ChoiceResult, ServedModel, collect_stream, generate
+from deepserve.serving import ChoiceResult, ServedModel, collect_stream, metered_generate, metered_generate_many
 
 router = APIRouter()
 
@@ -52,14 +53,17 @@ def _raise_on_error(choices: list[ChoiceResult]) -> None:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, _: Principal = Depends(require_bearer)
 ) -> Response:
-    return await chat_completion_response(body, request.app.state.models.get(body.model))
+    return await chat_completion_response(body, request.app.state.models.get(body.model), request)
 
 
-async def chat_completion_response(body: ChatCompletionRequest, model: ServedModel) -> Response:
+async def chat_completion_response(body: ChatCompletionRequest, model: ServedModel, request: Request) -> Response:
     """The OpenAI answer to `body` on `model`; also what the Workers AI and Segmind chat routes answer."""
-    prompt_tokens = model.chat_prompt_tokens(body.template_messages())
-    sampling = body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens, len(prompt_tokens)))
-    stream = generate(model.engine, prompt_tokens, sampling, body.n)
+    chat = prepare_chat(model, body.template_messages(), body.chat_options())  # tools, reasoning, response_format
+    prompt_tokens = chat.prompt_tokens
+    sampling = chat.configure(model, body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens,
+                                                                               len(prompt_tokens))),
+                              omitted=body.omitted_sampling())
+    stream = await metered_generate(request, model, prompt_tokens, sampling, body.n)
     response_id = render.new_id("chatcmpl")
     if body.stream:
         return sse.sse_response(_chat_events(response_id, body, stream))
@@ -89,7 +93,7 @@ async def _chat_events(
                 yield sse.event(render.error_body(f"The engine failed while generating: {delta.error}", "server_error"))
                 continue
             logprobs = render.chat_logprobs(delta.logprobs) if body.logprobs and delta.logprobs else None
-            content = {"content": delta.text} if delta.text else {}
+            content = render.chat_delta(delta)  # reasoning, content, tool calls
             if delta.finish_reason is not None:
                 yield chunk(
                     index, content, logprobs=logprobs,
@@ -112,15 +116,9 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
     token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
     texts = [p if isinstance(p, str) else "" for p in prompts]
     longest = max(len(t) for t in token_lists)
-    sampling = body.to_sampling(model.resolve_max_tokens(body.max_tokens, longest))
-    streams = []
-    try:
-        for tokens in token_lists:
-            streams.append(generate(model.engine, tokens, sampling, body.n))
-    except Exception:
-        for s in streams:
-            await s.aclose()
-        raise
+    sampling = apply_model_defaults(model, body.to_sampling(model.resolve_max_tokens(body.max_tokens, longest)),
+                                    omitted=body.omitted_sampling())
+    streams = await metered_generate_many(request, model, token_lists, sampling, body.n)
     response_id = render.new_id("cmpl")
     prefixes = [texts[i // body.n] if body.echo else "" for i in range(len(prompts) * body.n)]
     if body.stream:

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deepserve.chat_options import ChatOptions
 from deepserve.engine.types import SamplingParams
 from deepserve.errors import InvalidRequestError
 
@@ -75,6 +76,10 @@ class _SamplingFields(_Lenient):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
         return value
 
+    def omitted_sampling(self) -> set[str]:
+        """Sampling fields the request left to the model's defaults (deepserve.chat_options.apply_model_defaults)."""
+        return {name for name in ("temperature", "top_p") if getattr(self, name) is None}
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -98,12 +103,42 @@ class _SamplingFields(_Lenient):
         )
 
 
+class ReasoningOptions(_Lenient):
+    """OpenRouter-style `reasoning: {effort, max_tokens, exclude}`, for clients that send it."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    exclude: bool = False
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Reasoning models: how the <think> block is returned (default: the model's, else deepseek) and its budget
+    # (reasoning_effort low / medium / high = 1,024 / 4,096 / 16,384 tokens; max_reasoning_tokens wins).
+    reasoning_format: Literal["deepseek", "raw", "hidden"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=0)
+    reasoning: ReasoningOptions | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def chat_options(self) -> ChatOptions:
+        extra = self.reasoning or ReasoningOptions()
+        return ChatOptions(
+            reasoning_format=self.reasoning_format or ("hidden" if extra.exclude else None),
+            reasoning_effort=self.reasoning_effort or extra.effort,
+            max_reasoning_tokens=self.max_reasoning_tokens if self.max_reasoning_tokens is not None else extra.max_tokens,
+            response_format=self.response_format,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+        )
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -2,7 +2,7 @@
 slug route carries `x-remaining-credits`; errors are `{"error": "<message>"}`.
 
 Statuses as Segmind lists them: 401 bad or missing key, 404 unknown slug, 405 wrong method, 406 not enough
-credits (once billing lands), 500 server error. Input that fails validation is 400, a body over the limit
+credits (our 402), 500 server error. Input that fails validation is 400, a body over the limit
 413, a full queue 429 (with Retry-After), a server that is not ready 503.
 """
 
@@ -12,15 +12,18 @@ from fastapi import Request
 from starlette.responses import JSONResponse, Response
 
 from deepserve.api.auth import Principal
-from deepserve.errors import DeepserveError
+from deepserve.billing import headers as billing_headers
+from deepserve.errors import DeepserveError, InsufficientBalanceError
 
-CREDITS_HEADER = "x-remaining-credits"
-NOT_ENOUGH_CREDITS = 406  # Segmind's status for an exhausted balance: for billing
+CREDITS_HEADER = billing_headers.CREDITS_HEADER
+NOT_ENOUGH_CREDITS = 406  # Segmind's status for an exhausted balance (InsufficientBalanceError, 402 elsewhere)
 
 
-def remaining_credits(principal: Principal | None) -> str:
-    """The caller's balance after this call, for `x-remaining-credits`. Nothing is metered yet: a placeholder."""
-    return "0"
+def remaining_credits(request: Request | None) -> str:
+    """`x-remaining-credits`: the caller's available balance in US dollars, an exact decimal string (after this
+    call's charge; for a stream, after its reservation). "0" when the caller is not metered or not known."""
+    state = request.state if request is not None else None
+    return (billing_headers.remaining_credits(state) if state is not None else None) or "0"
 
 
 def principal_of(request: Request | None) -> Principal | None:
@@ -28,5 +31,6 @@ def principal_of(request: Request | None) -> Principal | None:
 
 
 def error_response(error: DeepserveError, request: Request | None = None) -> Response:
-    headers = {**error.headers, CREDITS_HEADER: remaining_credits(principal_of(request))}
-    return JSONResponse({"error": error.message}, status_code=error.status_code, headers=headers)
+    headers = {**error.headers, CREDITS_HEADER: remaining_credits(request)}
+    status = NOT_ENOUGH_CREDITS if isinstance(error, InsufficientBalanceError) else error.status_code
+    return JSONResponse({"error": error.message}, status_code=status, headers=headers)

@@ -83,11 +83,12 @@ async def slug_model(slug: str, request: Request) -> ServedModel:
 async def run(
     slug: str,
     body: SegmindChatRequest,
-    principal: Principal = Depends(require_api_key),
+    request: Request,
+    _: Principal = Depends(require_api_key),
     model: ServedModel = Depends(slug_model),
 ) -> Response:
-    response = await chat_completion_response(body.to_openai(slug), model)
-    response.headers[CREDITS_HEADER] = remaining_credits(principal)
+    response = await chat_completion_response(body.to_openai(slug), model, request)
+    response.headers[CREDITS_HEADER] = remaining_credits(request)
     return response
 
 

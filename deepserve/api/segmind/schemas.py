@@ -6,7 +6,7 @@ Unknown fields are ignored.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,11 @@ class SegmindChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
+    # deepserve's extensions, as on the OpenAI route (reasoning style and budget, JSON output)
+    reasoning_format: Literal["deepseek", "raw", "hidden"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
 
     def to_openai(self, model: str) -> ChatCompletionRequest:
         """The same request as an OpenAI chat completion (its bounds are the same, so this cannot fail)."""

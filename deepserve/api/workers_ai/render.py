@@ -12,11 +12,14 @@ from deepserve.engine.types import TokenDelta
 from deepserve.errors import (
     AuthenticationError,
     DeepserveError,
+    InsufficientBalanceError,
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     QueueFullError,
+    RateLimitError,
     ServiceUnavailableError,
 )
 from deepserve.serving import ChoiceResult
@@ -26,7 +29,8 @@ AUTHENTICATION_ERROR = 10000  # 401
 NO_SUCH_MODEL = 5007  # 400
 INVALID_DATA = 5004  # 400
 REQUEST_TOO_LARGE = 3006  # 413
-ACCOUNT_LIMITED = 3036  # 429: allocation used up; for billing, once balances exist
+ACCOUNT_LIMITED = 3036  # 429: allocation used up (an exhausted balance)
+MODEL_NOT_ALLOWED = 5018  # 403: this account (key) may not use this model
 OUT_OF_CAPACITY = 3040  # 429
 # Not in Cloudflare's Workers AI table: the v4 API's routing codes, and the code for a failure on our side.
 NO_ROUTE = 7000  # 404
@@ -41,6 +45,9 @@ _CODES: list[tuple[type[DeepserveError], int, int | None]] = [
     (PayloadTooLargeError, REQUEST_TOO_LARGE, 413),
     (InvalidRequestError, INVALID_DATA, 400),
     (QueueFullError, OUT_OF_CAPACITY, 429),
+    (InsufficientBalanceError, ACCOUNT_LIMITED, 429),
+    (RateLimitError, ACCOUNT_LIMITED, 429),
+    (PermissionDeniedError, MODEL_NOT_ALLOWED, 403),
     (ServiceUnavailableError, OUT_OF_CAPACITY, None),
 ]
 
@@ -66,17 +73,25 @@ def error_response(error: DeepserveError, request: Request | None = None) -> Res
     return JSONResponse(errors_body(code, error.message), status_code=status, headers=error.headers)
 
 
-def usage(num_prompt: int, num_generated: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated}
+def usage(num_prompt: int, num_generated: int, num_reasoning: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_generated, "total_tokens": num_prompt + num_generated,
+            "completion_tokens_details": {"reasoning_tokens": num_reasoning}}
 
 
-def choice_usage(choice: ChoiceResult) -> dict[str, int]:
-    return usage(choice.num_prompt_tokens, choice.num_generated_tokens)
+def choice_usage(choice: ChoiceResult) -> dict[str, Any]:
+    return usage(choice.num_prompt_tokens, choice.num_generated_tokens, choice.num_reasoning_tokens)
+
+
+def with_reasoning(body: dict[str, Any], reasoning: str) -> dict[str, Any]:
+    """A reasoning model's thinking (deepseek reasoning_format) beside `response`, under both names."""
+    if reasoning:
+        body["reasoning_content"] = body["reasoning"] = reasoning
+    return body
 
 
 def result_body(choice: ChoiceResult) -> dict[str, Any]:
     return {
-        "result": {"response": choice.text, "usage": choice_usage(choice)},
+        "result": with_reasoning({"response": choice.text, "usage": choice_usage(choice)}, choice.reasoning_text),
         "success": True,
         "errors": [],
         "messages": [],
@@ -87,8 +102,9 @@ def stream_event(delta: TokenDelta) -> bytes | None:
     """The SSE event for one engine delta: its text, then (on the last) an empty response with the usage."""
     if delta.error is not None:
         return sse.event(errors_body(INTERNAL_ERROR, f"The engine failed while generating: {delta.error}"))
+    text = with_reasoning({"response": delta.text}, delta.reasoning_text) if delta.text or delta.reasoning_text else None
     if delta.finish_reason is not None:
-        text = {"response": delta.text} if delta.text else None
-        final = {"response": "", "usage": usage(delta.num_prompt_tokens, delta.num_generated_tokens)}
+        final = {"response": "", "usage": usage(delta.num_prompt_tokens, delta.num_generated_tokens,
+                                                delta.num_reasoning_tokens)}
         return (sse.event(text) if text else b"") + sse.event(final)
-    return sse.event({"response": delta.text}) if delta.text else None
+    return sse.event(text) if text else None

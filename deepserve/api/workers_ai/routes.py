@@ -21,7 +21,7 @@ from deepserve.api.workers_ai import render
 from deepserve.api.workers_ai.schemas import RunRequest
 from deepserve.engine.types import SamplingParams, TokenDelta
 from deepserve.errors import EngineError, ModelNotFoundError
-from deepserve.serving import ChoiceResult, ModelRegistry, ServedModel, collect_stream, generate
+from deepserve.serving import ChoiceResult, ModelRegistry, ServedModel, collect_stream, metered_generate
 
 PATH_PREFIX = "/client/v4/"
 CATALOG_PREFIXES = ("@cf/", "@hf/")  # Cloudflare's namespaces in front of a model's own name
@@ -42,9 +42,11 @@ def find_model(models: ModelRegistry, name: str) -> ServedModel:
     raise ModelNotFoundError(f"No such model {name} or task. {reason}", param="model")
 
 
-async def complete(model: ServedModel, prompt_tokens: list[int], sampling: SamplingParams) -> ChoiceResult:
-    """One choice generated to its end; an engine failure raises EngineError."""
-    (choice,) = await collect_stream(generate(model.engine, prompt_tokens, sampling), 1)
+async def complete(
+    request: Request, model: ServedModel, prompt_tokens: list[int], sampling: SamplingParams
+) -> ChoiceResult:
+    """One choice generated to its end (metered); an engine failure raises EngineError."""
+    (choice,) = await collect_stream(await metered_generate(request, model, prompt_tokens, sampling), 1)
     if choice.error is not None:
         raise EngineError(f"The engine failed while generating: {choice.error}")
     return choice
@@ -56,10 +58,10 @@ async def run(
 ) -> Response:
     model = find_model(request.app.state.models, model_name)
     prompt_tokens = body.prompt_tokens(model)
-    sampling = body.to_sampling()
+    sampling = body.to_sampling(model, len(prompt_tokens))  # the model's defaults, reasoning, response_format
     if body.stream:
-        return sse.sse_response(_events(generate(model.engine, prompt_tokens, sampling)))
-    return JSONResponse(render.result_body(await complete(model, prompt_tokens, sampling)))
+        return sse.sse_response(_events(await metered_generate(request, model, prompt_tokens, sampling)))
+    return JSONResponse(render.result_body(await complete(request, model, prompt_tokens, sampling)))
 
 
 async def _events(stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[bytes]:
@@ -77,7 +79,7 @@ async def _events(stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterato
 async def chat_completions(
     account_id: str, body: ChatCompletionRequest, request: Request, _: Principal = Depends(require_bearer)
 ) -> Response:
-    return await chat_completion_response(body, find_model(request.app.state.models, body.model))
+    return await chat_completion_response(body, find_model(request.app.state.models, body.model), request)
 
 
 def install(app: FastAPI) -> None:

@@ -6,11 +6,12 @@ penalties 0–2); a value outside gets a 400 that names the field and its range.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from deepserve.chat_options import ChatOptions, configure_sampling
 from deepserve.engine.types import SamplingParams
 from deepserve.serving import ServedModel
 
@@ -56,8 +57,25 @@ class SamplingInput(BaseModel):
     repetition_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
+    # deepserve's extensions, as on the OpenAI route: reasoning style and budget, and JSON mode
+    # (Cloudflare's `response_format: {"type": "json_schema", "json_schema": <schema>}`, or OpenAI's shape).
+    reasoning_format: Literal["deepseek", "raw", "hidden"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
 
-    def to_sampling(self) -> SamplingParams:
+    def to_sampling(self, model: ServedModel | None = None, num_prompt_tokens: int = 0) -> SamplingParams:
+        """The engine parameters; with the model, also its defaults (temperature, top_p, max_tokens: where the
+        request gave none), its reasoning handling and the response format (deepserve.chat_options)."""
+        sampling = self._sampling()
+        if model is None:
+            return sampling
+        options = ChatOptions(reasoning_format=self.reasoning_format, reasoning_effort=self.reasoning_effort,
+                              max_reasoning_tokens=self.max_reasoning_tokens, response_format=self.response_format)
+        omitted = {name for name in ("temperature", "top_p", "max_tokens") if name not in self.model_fields_set}
+        return configure_sampling(model, sampling, options, omitted=omitted, num_prompt_tokens=num_prompt_tokens)
+
+    def _sampling(self) -> SamplingParams:
         # The engine reads top_p as a probability mass, so the providers' 1–2 means "no cut-off".
         # A repetition_penalty of 0 would divide llama.cpp's logits by zero: 0 (like 1) means no penalty.
         return SamplingParams(

@@ -15,15 +15,18 @@ from dataclasses import dataclass, field
 
 from deepserve.engine.collector import RequestCollector
 from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner
-from deepserve.engine.llamacpp.scheduler import Scheduler, Sequence, StepPlan
+from deepserve.engine.llamacpp.scheduler import ScheduledChunk, Scheduler, Sequence, StepPlan
 from deepserve.engine.stop import StopStringMatcher
 from deepserve.engine.types import (
+    FinishReason,
     GenerateRequest,
     RequestStatus,
     TokenDelta,
     TokenLogprob,
 )
 from deepserve.errors import ContextLengthError, InvalidRequestError, QueueFullError, ServiceUnavailableError
+from deepserve.reasoning import FORCED_CLOSE, ReasoningShaper, prompt_reasoning_prefix
+from deepserve.tools import ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,13 @@ class _SequenceState:
     sampler: int | None = None
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     stop: StopStringMatcher | None = None
+    grammar: int | None = None  # grammar sampler: applies to the answer (after `</think>` for reasoning)
+    reasoning: ReasoningShaper | None = None  # None: the output is not parsed for reasoning
+    tools: ToolCallParser | None = None  # None: tool calls are not parsed
+    special_pieces: bool = False  # render control tokens as their text (DeepSeek's tool-call markers)
+    num_reasoning_tokens: int = 0
+    close_forced: bool = False  # the engine has closed the reasoning itself (budget spent)
+    num_tool_calls: int = 0
 
 
 @dataclass(slots=True)
@@ -76,6 +86,8 @@ class LlamaCppEngine:
             poll=poll,
         )
         self.scheduler = Scheduler(parallel, batch_size)
+        # What the engine feeds to end a reasoning block whose budget is spent ("</think>\n\n").
+        self._close_tokens = tuple(self.runner.tokenize(FORCED_CLOSE, add_special=False, parse_special=True))
         self.counters = EngineCounters()
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, object]] = []
@@ -198,7 +210,10 @@ class LlamaCppEngine:
             with self._lock:
                 self._num_queued -= len(plan.admissions)
         for admission in plan.admissions:
-            self._start(admission.sequence, admission.seq_id, admission.num_reused)
+            try:
+                self._start(admission.sequence, admission.seq_id, admission.num_reused)
+            except ValueError as exc:  # this request's grammar: fail it alone
+                self._finish(admission.sequence, RequestStatus.FINISHED_ERROR, error=str(exc))
         chunks = [c for c in plan.chunks if not c.sequence.status.is_finished]
         if not chunks:
             return
@@ -216,11 +231,54 @@ class LlamaCppEngine:
             if row < 0:
                 self.scheduler.commit(chunk, None)
                 continue
-            state: _SequenceState = seq.state
-            token = self.runner.sample(state.sampler, row)
-            logprob = self._logprob(seq, row, token) if seq.request.sampling.logprobs else None
-            self.scheduler.commit(chunk, token)
-            self._postprocess(seq, token, logprob)
+            self._advance(seq, chunk, row)
+
+    def _advance(self, seq: Sequence, chunk: ScheduledChunk, row: int) -> None:
+        """Sample the next token (or take the engine's own: a forced `</think>`), then post-process it and any
+        tokens forced after it. Forced tokens are appended to the sequence and fed by the next step."""
+        state: _SequenceState = seq.state
+        forced = self._forced_tokens(seq)
+        logprob = None
+        is_forced = bool(forced)
+        if is_forced:
+            token = forced.pop(0)
+            self.runner.accept(state.sampler, token)
+        else:
+            grammar = state.grammar if state.grammar is not None and self._answering(state) else None
+            try:
+                token = self.runner.sample(state.sampler, row, grammar)
+            except DecodeError as exc:
+                self.scheduler.commit(chunk, None)
+                self._finish(seq, RequestStatus.FINISHED_ERROR, error=str(exc))
+                return
+            if seq.request.sampling.logprobs:
+                logprob = self._logprob(seq, row, token)
+        self.scheduler.commit(chunk, token)
+        finished = self._postprocess(seq, token, logprob, forced=is_forced)
+        while not finished:
+            if not forced:
+                forced = self._forced_tokens(seq)
+                if not forced:
+                    return
+            token = forced.pop(0)
+            self.runner.accept(state.sampler, token)
+            seq.force([token])
+            finished = self._postprocess(seq, token, None, forced=True)
+
+    @staticmethod
+    def _answering(state: _SequenceState) -> bool:
+        return state.reasoning is None or state.reasoning.parser.answering
+
+    def _forced_tokens(self, seq: Sequence) -> list[int]:
+        """The tokens that close the reasoning, once its budget is spent (only once per sequence)."""
+        state: _SequenceState = seq.state
+        params = seq.request.sampling.reasoning
+        shaper = state.reasoning
+        if (shaper is None or params is None or params.budget is None or state.close_forced
+                or not shaper.parser.in_reasoning or state.num_reasoning_tokens < params.budget):
+            return []
+        state.close_forced = True
+        return list(self._close_tokens)
 
     def _start(self, seq: Sequence, seq_id: int, num_reused: int) -> None:
         state: _SequenceState = seq.state
@@ -228,9 +286,24 @@ class LlamaCppEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         state.sampler = self.runner.new_sampler(params, seed)
         state.stop = StopStringMatcher(params.stop)
+        if params.reasoning is not None:
+            prefix = prompt_reasoning_prefix(self._prompt_tail(seq.prompt_tokens))
+            if params.reasoning.enabled or prefix is not None:
+                state.reasoning = ReasoningShaper(params.reasoning.format, starts_in_reasoning=prefix is not None,
+                                                  raw_prefix=prefix or "")
+        if params.tool_format is not None:
+            state.tools = ToolCallParser(params.tool_format)
+            state.special_pieces = True
         self.runner.keep_prefix(seq_id, num_reused)
         self.counters.num_prompt_tokens += len(seq.prompt_tokens)
         self.counters.num_cached_prompt_tokens += num_reused
+        if params.grammar is not None:
+            state.grammar = self.runner.new_grammar(params.grammar.gbnf, params.grammar.root)  # ValueError: bad
+
+    def _prompt_tail(self, prompt_tokens: list[int], num_tokens: int = 32) -> str:
+        """The end of the prompt as text, special tokens included (where a template may have opened <think>)."""
+        pieces = b"".join(self.runner.token_piece(t, special=True) for t in prompt_tokens[-num_tokens:])
+        return pieces.decode("utf-8", errors="replace")
 
     def _logprob(self, seq: Sequence, row: int, token: int) -> TokenLogprob:
         piece = self.runner.token_piece
@@ -242,27 +315,64 @@ class LlamaCppEngine:
             top=[(piece(t).decode("utf-8", errors="replace"), piece(t), lp) for t, lp in top],
         )
 
-    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None, *, forced: bool = False) -> bool:
+        """Turn one output token into a delta (reasoning, content, tool calls; stop strings and max_tokens).
+        Returns True when the sequence finished."""
         state: _SequenceState = seq.state
         params = seq.request.sampling
         self.counters.num_generated_tokens += 1
         delta = TokenDelta(token_ids=[token], logprobs=[logprob] if logprob else [])
         status: RequestStatus | None = None
-        if self.runner.is_eog(token) and not params.ignore_eos:
+        eog = self.runner.is_eog(token)
+        # A finished grammar allows nothing but end-of-generation: stop even under ignore_eos.
+        if eog and (not params.ignore_eos or (state.grammar is not None and self._answering(state))):
             status = RequestStatus.FINISHED_STOPPED
-        else:
-            text = state.decoder.decode(self.runner.token_piece(token))
-            delta.text, delta.stop_reason = state.stop.feed(text)
+        elif not eog:
+            piece = self.runner.token_piece(token, special=state.special_pieces)
+            was_reasoning = state.reasoning is not None and state.reasoning.parser.in_reasoning
+            self._emit(state, delta, state.decoder.decode(piece))
+            if was_reasoning and state.reasoning.parser.in_reasoning and not forced:
+                state.num_reasoning_tokens += 1
             if delta.stop_reason is not None:
                 status = RequestStatus.FINISHED_STOPPED
         if status is None and len(seq.output_tokens) >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             state.collector.put(delta)
-            return
+            return False
         if delta.stop_reason is None:  # not cut by a stop string: release what was held back
-            delta.text += state.stop.feed(state.decoder.decode(b"", final=True))[0] + state.stop.flush()
+            self._emit(state, delta, state.decoder.decode(b"", final=True), final=True)
+        if status == RequestStatus.FINISHED_STOPPED and state.num_tool_calls:
+            delta.finish_reason = FinishReason.TOOL_CALLS
         self._finish(seq, status, delta=delta)
+        return True
+
+    def _emit(self, state: _SequenceState, delta: TokenDelta, text: str, *, final: bool = False) -> None:
+        """Text → reasoning (shaped per the request's style) → content → tool calls → stop strings → delta."""
+        shown = ""
+        content = text
+        if state.reasoning is not None:
+            reasoning, shown, content = state.reasoning.feed(text)
+            if final:
+                more_reasoning, more_shown, more_content = state.reasoning.flush()
+                reasoning += more_reasoning
+                shown += more_shown
+                content += more_content
+            delta.reasoning_text += reasoning
+        if state.tools is not None:
+            content, calls = state.tools.feed(content)
+            if final:
+                rest, more_calls = state.tools.flush()
+                content += rest
+                calls += more_calls
+            delta.tool_calls.extend(calls)
+            state.num_tool_calls += len(calls)
+        visible, stop_reason = state.stop.feed(content)
+        if final and stop_reason is None:
+            visible += state.stop.flush()
+        delta.text += shown + visible
+        if stop_reason is not None:
+            delta.stop_reason = stop_reason
 
     def _finish(
         self,
@@ -282,12 +392,17 @@ class LlamaCppEngine:
         if state.sampler is not None:
             self.runner.free_sampler(state.sampler)
             state.sampler = None
+        if state.grammar is not None:
+            self.runner.free_sampler(state.grammar)
+            state.grammar = None
         delta = delta or TokenDelta()
-        delta.finish_reason = status.finish_reason
+        if delta.finish_reason is None or status != RequestStatus.FINISHED_STOPPED:
+            delta.finish_reason = status.finish_reason
         delta.error = error
         delta.num_prompt_tokens = len(seq.prompt_tokens)
         delta.num_cached_tokens = seq.num_cached
         delta.num_generated_tokens = len(seq.output_tokens)
+        delta.num_reasoning_tokens = state.num_reasoning_tokens
         self.counters.num_requests_finished += 1
         state.collector.put(delta)
 

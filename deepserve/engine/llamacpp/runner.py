@@ -26,6 +26,7 @@ _backend_ready = False
 _GGML_LOG_LEVEL_WARN = 3
 _GGML_LOG_LEVEL_CONT = 5
 _llama_log = logging.getLogger("llama.cpp")
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # struct llama_token_data
 
 
 @llama.llama_log_callback
@@ -148,6 +149,8 @@ class LlamaRunner:
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(batch_size, 0, 1)
         self._piece_cache: dict[int, bytes] = {}
+        self._special_piece_cache: dict[int, bytes] = {}
+        self._candidates: np.ndarray | None = None  # llama_token_data[n_vocab], for grammar-constrained sampling
         self._closed = False
 
     # ---- model facts -------------------------------------------------------------------------
@@ -201,17 +204,19 @@ class LlamaRunner:
             n = llama.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
         return list(tokens[:n])
 
-    def token_piece(self, token: int) -> bytes:
-        """Bytes a token stands for when shown to a user (control tokens render as nothing)."""
-        piece = self._piece_cache.get(token)
+    def token_piece(self, token: int, *, special: bool = False) -> bytes:
+        """Bytes a token stands for when shown to a user (control tokens render as nothing, unless
+        `special`: then they render as their text, e.g. DeepSeek's tool-call markers)."""
+        cache = self._special_piece_cache if special else self._piece_cache
+        piece = cache.get(token)
         if piece is None:
             buf = ctypes.create_string_buffer(256)
-            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+                n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
             piece = buf.raw[:n]
-            self._piece_cache[token] = piece
+            cache[token] = piece
         return piece
 
     # ---- KV cache ----------------------------------------------------------------------------
@@ -284,9 +289,59 @@ class LlamaRunner:
             add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def sample(self, sampler: int, row: int) -> int:
-        """Sample from a logits row; the chain also records the token (penalties need the history)."""
-        return llama.llama_sampler_sample(sampler, self._ctx, row)
+    def sample(self, sampler: int, row: int, grammar: int | None = None) -> int:
+        """Sample from a logits row; the chain also records the token (penalties need the history).
+
+        With a grammar sampler, the token must be one the grammar allows, and both record it. As llama.cpp's
+        own sampler does, the chain first picks from the unconstrained row and the grammar checks only that
+        token; only when it refuses it does the grammar filter the whole vocabulary (slow: every token's text
+        against the grammar) and the chain pick again. The grammar is kept apart from the chain so that the
+        engine decides when it starts to apply (after a reasoning model's `</think>`)."""
+        if grammar is None:
+            return llama.llama_sampler_sample(sampler, self._ctx, row)
+        token = self._pick(sampler, row, None)
+        one = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+        check = llama.llama_token_data_array(data=one.ctypes.data_as(llama.llama_token_data_p), size=1,
+                                             selected=-1, sorted=False)
+        llama.llama_sampler_apply(grammar, ctypes.byref(check))
+        if not math.isfinite(float(one["logit"][0])):
+            token = self._pick(sampler, row, grammar)
+        llama.llama_sampler_accept(sampler, token)
+        llama.llama_sampler_accept(grammar, token)
+        return token
+
+    def _pick(self, sampler: int, row: int, grammar: int | None) -> int:
+        """Apply the grammar (if any), then the chain, to a logits row; the chosen token, not yet recorded."""
+        candidates = self._candidates
+        if candidates is None:
+            candidates = self._candidates = np.zeros(self.num_vocab, dtype=_TOKEN_DATA)
+        candidates["id"] = np.arange(self.num_vocab, dtype=np.int32)
+        candidates["logit"] = self.logits(row)
+        candidates["p"] = 0.0
+        array = llama.llama_token_data_array(
+            data=candidates.ctypes.data_as(llama.llama_token_data_p), size=self.num_vocab, selected=-1, sorted=False
+        )
+        if grammar is not None:
+            llama.llama_sampler_apply(grammar, ctypes.byref(array))
+        llama.llama_sampler_apply(sampler, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise DecodeError("the sampler chose no token")
+        chosen = array.data[array.selected]  # through the array: a sampler may have re-pointed it
+        if not math.isfinite(chosen.logit):
+            raise DecodeError("the grammar allows no token here")
+        return int(chosen.id)
+
+    @staticmethod
+    def accept(sampler: int, token: int) -> None:
+        """Record a token the engine chose itself (a forced `</think>`), as if the sampler had picked it."""
+        llama.llama_sampler_accept(sampler, token)
+
+    def new_grammar(self, gbnf: str, root: str) -> int:
+        """A grammar sampler (GBNF); ValueError if llama.cpp cannot parse the grammar."""
+        sampler = llama.llama_sampler_init_grammar(self._vocab, gbnf.encode("utf-8"), root.encode("utf-8"))
+        if not sampler:
+            raise ValueError("llama.cpp could not parse the grammar")
+        return sampler
 
     @staticmethod
     def free_sampler(sampler: int) -> None:

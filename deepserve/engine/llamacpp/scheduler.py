@@ -1,7 +1,8 @@
 """Continuous-batching scheduler. Plain Python: no llama_cpp import, so it is unit-tested directly.
 
 One call to `schedule()` plans one engine step:
-1. every sequence that is decoding contributes its one pending token;
+1. every sequence that is decoding contributes its pending output tokens: the one just sampled, plus any
+   the engine appended itself (a forced `</think>`);
 2. sequences still prefilling get prompt chunks from what is left of the token budget (chunked prefill:
    a long prompt is spread over several steps instead of freezing everyone else);
 3. waiting requests are admitted into free slots, preferring the slot whose cached KV shares the
@@ -50,6 +51,10 @@ class Sequence:
     @property
     def prompt_tokens(self) -> list[int]:
         return self.request.prompt_tokens
+
+    def force(self, tokens: list[int]) -> None:
+        """Append output tokens the engine chose itself; the next steps feed them before sampling again."""
+        self.output_tokens.extend(tokens)
 
     def token_at(self, index: int) -> int:
         num_prompt = len(self.request.prompt_tokens)
@@ -132,10 +137,15 @@ class Scheduler:
         self._step += 1
         plan = StepPlan()
         budget = self.token_budget
-        for seq in self.running:
-            if seq.status == RequestStatus.DECODE:
-                plan.chunks.append(ScheduledChunk(seq, seq.num_computed, [seq.output_tokens[-1]], True))
-                budget -= 1
+        decoding = [seq for seq in self.running if seq.status == RequestStatus.DECODE]
+        for i, seq in enumerate(decoding):
+            # Every output token not yet in the KV: usually the one just sampled, but the engine may have
+            # appended tokens of its own after it (a forced `</think>`). Each decoder keeps at least one
+            # token of the budget for every decoder after it; what does not fit waits for the next step.
+            pending = seq.output_tokens[seq.num_computed - len(seq.prompt_tokens):]
+            take = min(len(pending), budget - (len(decoding) - i - 1))
+            plan.chunks.append(ScheduledChunk(seq, seq.num_computed, pending[:take], take == len(pending)))
+            budget -= take
         for seq in self.running:
             if seq.status == RequestStatus.PREFILL and budget > 0:
                 budget -= self._plan_prefill(seq, budget, plan)
@@ -178,7 +188,8 @@ class Scheduler:
 
     # ---- after the step ----------------------------------------------------------------------
     def commit(self, chunk: ScheduledChunk, sampled_token: int | None) -> None:
-        """The chunk's tokens are now in the KV cache; `sampled_token` is what its logits gave."""
+        """The chunk's tokens are now in the KV cache; `sampled_token` is what its logits gave (or the token
+        the engine put in its place). More output tokens may be appended after it (`Sequence.force`)."""
         seq = chunk.sequence
         seq.num_computed = chunk.start + len(chunk.tokens)
         if seq.slot is not None:

@@ -119,7 +119,10 @@ def test_success_envelope_is_exactly_cloudflares(http, server):
     body = r.json()
     assert body == {"result": body["result"], "success": True, "errors": [], "messages": []}
     assert set(body["result"]) == {"response", "usage"}
-    assert set(body["result"]["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    # Cloudflare's three counts, plus the reasoning count that every dialect's usage carries
+    assert set(body["result"]["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens",
+                                            "completion_tokens_details"}
+    assert body["result"]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
     assert_usage(body["result"]["usage"], 3)
 
 

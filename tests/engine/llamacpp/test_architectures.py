@@ -41,6 +41,14 @@ def expected_prompt_tokens(gguf_path: str, template: str) -> int:
         runner.close()
 
 
+def generated_text(chunk) -> str:
+    """A chunk's text: content, or reasoning (R1's template opens <think>: its output starts as reasoning)."""
+    if not chunk.choices:
+        return ""
+    delta = chunk.choices[0].delta
+    return delta.content or (delta.model_extra or {}).get("reasoning_content") or ""
+
+
 @pytest.mark.parametrize("family", list(CASES))
 def test_architecture_serves_batched_chat_and_completions(family, tiny_ggufs):
     model_id, template = CASES[family]
@@ -67,7 +75,7 @@ def test_architecture_serves_batched_chat_and_completions(family, tiny_ggufs):
                 model=model_id, messages=MESSAGES, max_tokens=LONG_TOKENS, stream=True,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
             chunks = [await anext(long)]
-            while not (chunks[-1].choices and chunks[-1].choices[0].delta.content):
+            while not generated_text(chunks[-1]):
                 chunks.append(await anext(long))
             results = await asyncio.gather(*(chat(client) for _ in range(4)), *(complete(client) for _ in range(2)))
             chunks += [chunk async for chunk in long]

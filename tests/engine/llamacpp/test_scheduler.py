@@ -126,3 +126,38 @@ def test_abort_of_a_waiting_sequence_removes_it_from_the_queue():
 def test_budget_smaller_than_slots_is_rejected():
     with pytest.raises(ValueError):
         Scheduler(num_slots=8, token_budget=4)
+
+
+def test_a_decoder_feeds_every_output_token_not_yet_computed():
+    """Tokens the engine appends itself (a forced `</think>`) are fed with the sampled one, in one chunk."""
+    s = Scheduler(num_slots=2, token_budget=64)
+    a = seq([1, 2, 3], "a")
+    s.add(a)
+    run_step(s, sampled=10)  # prefill; samples 10
+    a.force([20, 21])  # the engine appends two tokens of its own after the sampled one
+    plan = run_step(s, sampled=30)
+    (chunk,) = plan.chunks
+    assert (chunk.start, chunk.tokens, chunk.want_logits) == (3, [10, 20, 21], True)
+    assert a.num_computed == 6 and a.output_tokens == [10, 20, 21, 30]
+    plan = run_step(s)
+    assert plan.chunks[0].tokens == [30] and plan.chunks[0].start == 6
+
+
+def test_pending_tokens_share_the_budget_and_every_decoder_keeps_a_place():
+    s = Scheduler(num_slots=3, token_budget=4)
+    a, b, c = seq([1], "a"), seq([2], "b"), seq([3], "c")
+    for x in (a, b, c):
+        s.add(x)
+    run_step(s)
+    a.force([5, 6, 7, 8])  # a has 5 tokens pending; b and c one each
+    plan = run_step(s, sampled=9)
+    assert [(ch.sequence, ch.tokens, ch.want_logits) for ch in plan.chunks] == [
+        (a, [99, 5], False), (b, [99], True), (c, [99], True)]
+    assert plan.num_tokens == 4
+    assert a.output_tokens == [99, 5, 6, 7, 8] and a.status == RequestStatus.DECODE  # nothing sampled for a yet
+    plan = run_step(s, sampled=11)
+    assert [(ch.sequence, ch.tokens, ch.want_logits) for ch in plan.chunks] == [
+        (a, [6, 7], False), (b, [9], True), (c, [9], True)]
+    plan = run_step(s, sampled=12)
+    assert (plan.chunks[0].tokens, plan.chunks[0].want_logits) == ([8], True)
+    assert a.output_tokens == [99, 5, 6, 7, 8, 12] and a.num_computed == 1 + 5

@@ -1,0 +1,243 @@
+"""The async face of billing, used by `deepserve.serving.metered_generate`: reserve before the engine sees a
+request, count what its streams deliver, settle once when the last of them closes.
+
+Settling happens in the streams' `aclose()`, which every route reaches (normal end, client gone, engine
+error): a `MeteredStream` is a class, not an async generator, so closing one that never started still
+settles. The settle runs on the database threads under `asyncio.shield`: a cancelled request (the client
+left) cannot cancel its own charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from deepserve.api.auth import Principal
+from deepserve.billing import reservations as sql
+from deepserve.billing.db import Database
+from deepserve.billing.money import TokenPrices
+from deepserve.billing.reservations import Reservation, Usage
+from deepserve.engine.types import FinishReason, TokenDelta
+from deepserve.errors import PermissionDeniedError
+
+log = logging.getLogger(__name__)
+
+SWEEP_EVERY_BEATS = 3  # release dead processes' reservations every 3 heartbeats (30 s)
+
+
+def check_model_allowed(principal: Principal | None, model_id: str, names: tuple[str, ...]) -> None:
+    """403 when the key is limited to some models and this is none of them (by id or any alias)."""
+    if principal is None or principal.allowed_models is None:
+        return
+    if any(name in principal.allowed_models for name in names):
+        return
+    allowed = ", ".join(principal.allowed_models)
+    raise PermissionDeniedError(
+        f"This API key may not use the model `{model_id}`. It may use: {allowed}.", param="model",
+        code="model_not_allowed",
+    )
+
+
+class Meter:
+    """One per server process: its identity in the database (for crash release), its heartbeat, and
+    `reserve()`, which starts the metering of one request."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.instance_id = uuid.uuid4().hex
+        self.machine = sql.machine_id()
+        self.pid = os.getpid()
+        self._task: asyncio.Task | None = None
+        self._jobs: set[asyncio.Future] = set()  # settles in flight: the loop keeps only weak references
+
+    async def start(self) -> int:
+        """Register this process and release what stopped ones left open; returns how many were released."""
+        await self.db.run(sql.register_instance, self.instance_id, self.machine, self.pid)
+        released = await self.db.run(sql.release_dead, self.instance_id, self.machine)
+        self._task = asyncio.create_task(self._beat())
+        return released
+
+    async def _beat(self) -> None:
+        beats = 0
+        while True:
+            await asyncio.sleep(sql.HEARTBEAT_S)
+            beats += 1
+            try:
+                await self.db.run(sql.heartbeat, self.instance_id, self.machine, self.pid)
+                if beats % SWEEP_EVERY_BEATS == 0:
+                    await self.db.run(sql.release_dead, self.instance_id, self.machine)
+                    from deepserve.billing.idempotency import prune
+
+                    await self.db.run(prune)
+            except Exception:  # the database may be briefly away: try again at the next beat
+                log.exception("billing heartbeat failed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._jobs, return_exceptions=True)  # settles still running finish first
+        await self.db.run(sql.unregister_instance, self.instance_id)
+
+    async def reserve(
+        self,
+        principal: Principal,
+        *,
+        model_names: tuple[str, ...],
+        catalog_prices: TokenPrices | None,
+        num_prompt_tokens: int,
+        max_completion_tokens: int,
+    ) -> Reservation:
+        return await self.db.run(
+            sql.reserve, instance_id=self.instance_id, account_id=principal.account_id, key_id=principal.key_id,
+            rpm_limit=principal.rpm_limit, tpm_limit=principal.tpm_limit, model_names=model_names,
+            catalog_prices=catalog_prices, num_prompt_tokens=num_prompt_tokens,
+            max_completion_tokens=max_completion_tokens, now_ms=int(time.time() * 1000),
+        )
+
+    async def settle(self, reservation: Reservation, usage: Usage, endpoint: str) -> int | None:
+        """Settle off the event loop; a cancelled caller does not cancel it. None if the database failed
+        (then the reservation stays held until a restart releases it, and the error is logged)."""
+        return await self._shielded(self._settle_retrying(reservation, usage, endpoint))
+
+    async def _shielded(self, work) -> Any:
+        job = asyncio.ensure_future(work)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+        return await asyncio.shield(job)
+
+    async def _settle_retrying(self, reservation: Reservation, usage: Usage, endpoint: str) -> int | None:
+        for attempt in range(3):
+            try:
+                return await self.db.run(sql.settle, reservation, usage, endpoint=endpoint)
+            except OperationalError:
+                if attempt == 2:
+                    log.exception("could not settle reservation %s", reservation.id)
+                    return None
+                await asyncio.sleep(0.2 * (attempt + 1))
+            except Exception:
+                log.exception("could not settle reservation %s", reservation.id)
+                return None
+        return None
+
+    async def release(self, reservation: Reservation) -> int:
+        return await self._shielded(self.db.run(sql.release, reservation))
+
+
+class _Choice:
+    __slots__ = ("num_delivered", "final")
+
+    def __init__(self) -> None:
+        self.num_delivered = 0  # generated tokens seen so far
+        self.final: TokenDelta | None = None
+
+
+class Charge:
+    """The metering of one HTTP request: one reservation, the streams of its prompts, one settle."""
+
+    def __init__(
+        self, meter: Meter, reservation: Reservation, prompt_lengths: list[int], n: int, endpoint: str,
+        on_settled: Callable[[int], None],
+    ):
+        self._meter = meter
+        self.reservation = reservation
+        self._prompt_lengths = prompt_lengths
+        self._choices = [[_Choice() for _ in range(n)] for _ in prompt_lengths]
+        self._endpoint = endpoint
+        self._on_settled = on_settled
+        self._num_open = 0
+        self._settled = False
+
+    def wrap(self, streams: list[AsyncIterator[tuple[int, TokenDelta]]]) -> list[MeteredStream]:
+        self._num_open = len(streams)
+        return [MeteredStream(stream, self, group) for group, stream in enumerate(streams)]
+
+    def observe(self, group: int, index: int, delta: TokenDelta) -> None:
+        choice = self._choices[group][index]
+        choice.num_delivered += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            choice.final = delta
+
+    def usage(self) -> Usage:
+        """What was computed: the engine's final counts where a choice finished, else the prompt and the tokens
+        delivered so far. A prompt counts once for its n choices, as the usage the client sees counts it."""
+        total = Usage()
+        statuses = set()
+        for num_prompt, choices in zip(self._prompt_lengths, self._choices):
+            finals = [c.final for c in choices if c.final is not None]
+            total.num_prompt += finals[0].num_prompt_tokens if finals else num_prompt
+            total.num_cached += max((f.num_cached_tokens for f in finals), default=0)
+            for choice in choices:
+                final = choice.final
+                total.num_completion += final.num_generated_tokens if final is not None else choice.num_delivered
+                total.num_reasoning += int(getattr(final, "num_reasoning_tokens", 0) or 0) if final else 0
+                if final is None or final.finish_reason == FinishReason.ABORT:
+                    statuses.add("aborted")
+                elif final.finish_reason == FinishReason.ERROR:
+                    statuses.add("error")
+        total.status = "error" if "error" in statuses else "aborted" if statuses else "ok"
+        return total
+
+    async def stream_closed(self) -> None:
+        self._num_open -= 1
+        if self._num_open <= 0:
+            await self.settle()
+
+    async def settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        available = await self._meter.settle(self.reservation, self.usage(), self._endpoint)
+        if available is not None:
+            self._on_settled(available)
+
+    async def release(self) -> None:
+        """Nothing was computed (the engine refused the request): give the whole reservation back."""
+        if self._settled:
+            return
+        self._settled = True
+        self._on_settled(await self._meter.release(self.reservation))
+
+
+class MeteredStream:
+    """A `generate()` stream that reports what passes through it to its Charge and settles on close."""
+
+    __slots__ = ("_inner", "_charge", "_group", "_closed")
+
+    def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]], charge: Charge, group: int):
+        self._inner = inner
+        self._charge = charge
+        self._group = group
+        self._closed = False
+
+    def __aiter__(self) -> MeteredStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenDelta]:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            index, delta = await self._inner.__anext__()
+        except BaseException:  # the end, a failure or a cancellation (client gone): settle now
+            await self.aclose()
+            raise
+        self._charge.observe(self._group, index, delta)
+        return index, delta
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            aclose: Any = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self._charge.stream_closed()

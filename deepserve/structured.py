@@ -1,0 +1,316 @@
+"""Structured output: OpenAI `response_format` (json_object, json_schema) as a llama.cpp GBNF grammar.
+
+The JSON-schema → GBNF conversion is llama-cpp-python's own (`llama_cpp.llama_grammar.SchemaConverter`, pure
+Python). It ignores schema keywords it does not know, which would let the output break the schema, so every
+schema is checked first: a keyword the grammar cannot enforce is refused with a 400 that names it and where
+it is. What passes is enforced exactly, so the answer always parses and validates once generation ends.
+
+Supported: type (one or a list), properties, required, additionalProperties, items, prefixItems, minItems,
+maxItems, enum, const, anyOf, oneOf, allOf (of objects), minLength / maxLength, pattern (anchored ^...$),
+format date / time / date-time / uuid, local $ref with $defs / definitions, and annotations (title,
+description, default, examples, ...). Not supported (400): minimum, maximum, exclusiveMinimum,
+exclusiveMaximum, multipleOf, not, if / then / else, patternProperties, propertyNames, uniqueItems,
+contains, minProperties, maxProperties, dependentRequired, dependentSchemas, remote $ref, other formats, ...
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from deepserve.engine.types import GrammarSpec
+from deepserve.errors import InvalidRequestError
+
+
+def _load_llama_grammar() -> Any:
+    """llama-cpp-python's llama_grammar.py, loaded on its own: it is pure Python (stdlib only), and importing
+    it through the `llama_cpp` package would load libllama, which only the engine's runner does."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llama-cpp-python is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "llama_grammar.py"
+    module_spec = importlib.util.spec_from_file_location("deepserve._llama_grammar", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+SchemaConverter = _load_llama_grammar().SchemaConverter
+
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "$anchor"})
+DEFINITIONS = ("$defs", "definitions")
+TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
+_KNOWN = frozenset({"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+                    "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "minLength", "maxLength", "pattern",
+                    "format", "$ref", *DEFINITIONS})
+# The converter's string character allows raw control characters, which JSON (and json.loads) forbids.
+_CHAR_RULE = re.compile(r"^char ::= .*$", re.MULTILINE)
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
+
+
+class SchemaConverterError(ValueError):
+    """The schema uses something the grammar cannot enforce; the message names it and where."""
+
+
+def literal(text: str) -> str:
+    """A GBNF string literal matching `text` exactly."""
+    escaped = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+               .replace("\t", "\\t"))
+    return f'"{escaped}"'
+
+
+def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
+    if isinstance(schema, bool):
+        if schema is False:
+            raise SchemaConverterError(f"{where}: the schema `false` accepts nothing")
+        return
+    if not isinstance(schema, dict):
+        raise SchemaConverterError(f"{where}: a schema must be an object, got {type(schema).__name__}")
+    for key, value in schema.items():
+        if key in ANNOTATIONS:
+            continue
+        if key == "uniqueItems" and value is False:
+            continue
+        if key not in _KNOWN:
+            raise SchemaConverterError(f"{where}: the JSON schema keyword '{key}' is not supported")
+    keys = {k for k in schema if k not in ANNOTATIONS and k not in DEFINITIONS and k != "uniqueItems"}
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        bad = [k for k in kinds if k not in TYPES]
+        if bad or not kinds:
+            raise SchemaConverterError(f"{where}: unknown type {bad[0] if bad else kind!r}")
+        if isinstance(kind, list) and keys - {"type"}:
+            raise SchemaConverterError(f"{where}: 'type' as a list together with "
+                                       f"'{sorted(keys - {'type'})[0]}' is not supported (use anyOf)")
+    for name in DEFINITIONS:
+        for def_name, sub in (schema.get(name) or {}).items():
+            _check(sub, f"{where}/{name}/{def_name}", defs)
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            raise SchemaConverterError(f"{where}: only local $ref ('#/...') is supported, got {ref!r}")
+        if keys - {"$ref"}:
+            raise SchemaConverterError(f"{where}: '{sorted(keys - {'$ref'})[0]}' beside $ref is not supported")
+        return
+    for union in ("anyOf", "oneOf"):
+        if union in schema:
+            if keys - {union}:
+                raise SchemaConverterError(f"{where}: '{sorted(keys - {union})[0]}' beside {union} is not supported")
+            if not isinstance(schema[union], list) or not schema[union]:
+                raise SchemaConverterError(f"{where}/{union}: must be a non-empty list")
+            for i, sub in enumerate(schema[union]):
+                _check(sub, f"{where}/{union}/{i}", defs)
+            return
+    if "allOf" in schema:
+        if keys - {"allOf", "type"} or kind not in (None, "object"):
+            raise SchemaConverterError(f"{where}: allOf is supported only as a list of object schemas with properties")
+        for i, sub in enumerate(schema["allOf"]):
+            target = sub
+            if isinstance(sub, dict) and "$ref" in sub:
+                _check(sub, f"{where}/allOf/{i}", defs)
+                target = _lookup(defs, sub["$ref"])
+            if not isinstance(target, dict) or "properties" not in target or "anyOf" in target:
+                raise SchemaConverterError(f"{where}/allOf/{i}: allOf is supported only for object schemas with properties")
+            _check(target, f"{where}/allOf/{i}", defs)
+        return
+    if "enum" in schema or "const" in schema:
+        if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+            raise SchemaConverterError(f"{where}/enum: must be a non-empty list")
+        extra = keys - {"enum", "const", "type"}
+        if extra:
+            raise SchemaConverterError(f"{where}: '{sorted(extra)[0]}' beside enum/const is not supported")
+        return
+    if "properties" in schema or "additionalProperties" in schema or "required" in schema:
+        if kind not in (None, "object"):
+            raise SchemaConverterError(f"{where}: properties on a schema of type {kind!r}")
+        extra = keys - {"type", "properties", "required", "additionalProperties"}
+        if extra:
+            raise SchemaConverterError(f"{where}: '{sorted(extra)[0]}' on an object is not supported")
+        properties = schema.get("properties") or {}
+        for name, sub in properties.items():
+            _check(sub, f"{where}/properties/{name}", defs)
+        for name in schema.get("required") or []:
+            if name not in properties:
+                raise SchemaConverterError(f"{where}: 'required' names '{name}', which is not in 'properties'")
+        additional = schema.get("additionalProperties")
+        if isinstance(additional, dict):
+            _check(additional, f"{where}/additionalProperties", defs)
+        return
+    if "items" in schema or "prefixItems" in schema:
+        if kind not in (None, "array"):
+            raise SchemaConverterError(f"{where}: items on a schema of type {kind!r}")
+        if "items" in schema and "prefixItems" in schema:
+            raise SchemaConverterError(f"{where}: 'prefixItems' together with 'items' is not supported")
+        items = schema.get("items", schema.get("prefixItems"))
+        if isinstance(items, list):
+            if keys - {"type", "items", "prefixItems"}:
+                raise SchemaConverterError(f"{where}: '{sorted(keys - {'type', 'items', 'prefixItems'})[0]}' "
+                                           "with a tuple of items is not supported")
+            for i, sub in enumerate(items):
+                _check(sub, f"{where}/items/{i}", defs)
+        else:
+            extra = keys - {"type", "items", "minItems", "maxItems"}
+            if extra:
+                raise SchemaConverterError(f"{where}: '{sorted(extra)[0]}' on an array is not supported")
+            _check(items, f"{where}/items", defs)
+        return
+    if keys & {"minItems", "maxItems"}:
+        raise SchemaConverterError(f"{where}: minItems / maxItems need 'items'")
+    string_keys = keys & {"pattern", "format", "minLength", "maxLength"}
+    if string_keys:
+        if kind not in ("string", None) or (kind is None and string_keys & {"minLength", "maxLength"}):
+            raise SchemaConverterError(f"{where}: '{sorted(string_keys)[0]}' needs type 'string'")
+        if "pattern" in schema:
+            pattern = schema["pattern"]
+            if string_keys - {"pattern"}:
+                raise SchemaConverterError(f"{where}: 'pattern' together with '{sorted(string_keys - {'pattern'})[0]}' "
+                                           "is not supported")
+            if not isinstance(pattern, str) or not (pattern.startswith("^") and pattern.endswith("$")):
+                raise SchemaConverterError(f"{where}: a 'pattern' must be anchored (start with ^ and end with $)")
+        elif "format" in schema:
+            if schema["format"] not in FORMATS:
+                raise SchemaConverterError(f"{where}: the string format '{schema['format']}' is not supported")
+            if string_keys - {"format"}:
+                raise SchemaConverterError(f"{where}: 'format' together with '{sorted(string_keys - {'format'})[0]}' "
+                                           "is not supported")
+        else:
+            low, high = schema.get("minLength", 0), schema.get("maxLength")
+            if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
+                raise SchemaConverterError(f"{where}: invalid minLength / maxLength")
+
+
+def _lookup(defs: dict[str, Any], ref: str) -> Any:
+    target: Any = defs
+    for part in ref[2:].split("/"):
+        if not isinstance(target, dict) or part not in target:
+            raise SchemaConverterError(f"$ref {ref!r} points nowhere")
+        target = target[part]
+    return target
+
+
+def _strip_annotations(schema: Any) -> Any:
+    """The schema without annotations (the converter would trip on a schema holding only a description)."""
+    if isinstance(schema, list):
+        return [_strip_annotations(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ANNOTATIONS or (key == "uniqueItems" and value is False):
+            continue
+        if key in ("properties", *DEFINITIONS) and isinstance(value, dict):
+            out[key] = {k: _strip_annotations(v) for k, v in value.items()}
+        elif key in ("enum", "const"):
+            out[key] = value
+        else:
+            out[key] = _strip_annotations(value)
+    return out
+
+
+def _true_to_empty(schema: Any) -> Any:
+    """`true` (anything) as the converter spells it."""
+    if schema is True:
+        return {}
+    if isinstance(schema, list):
+        return [_true_to_empty(s) for s in schema]
+    if isinstance(schema, dict):
+        return {k: (v if k in ("enum", "const", "additionalProperties") and not isinstance(v, dict)
+                    else _true_to_empty(v)) for k, v in schema.items()}
+    return schema
+
+
+def _prefix_refs(schema: Any, prefix: str) -> Any:
+    """Rename every definition (and reference to it) with `prefix`, so two schemas' definitions never clash."""
+    if isinstance(schema, list):
+        return [_prefix_refs(s, prefix) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in DEFINITIONS and isinstance(value, dict):
+            out[key] = {f"{prefix}{name}": _prefix_refs(sub, prefix) for name, sub in value.items()}
+        elif key == "$ref" and isinstance(value, str):
+            parts = value.split("/")
+            if len(parts) >= 3 and parts[1] in DEFINITIONS:
+                parts[2] = prefix + parts[2]
+            out[key] = "/".join(parts)
+        elif key in ("enum", "const"):
+            out[key] = value
+        else:
+            out[key] = _prefix_refs(value, prefix)
+    return out
+
+
+class CheckedConverter(SchemaConverter):
+    def __init__(self) -> None:
+        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self._num_schemas = 0
+
+    def visit_checked(self, schema: Any, name: str, *, where: str) -> str:
+        """Check `schema` and add its rules; return the name of its top rule ("" names it `root`)."""
+        where += "#"  # then a JSON pointer to the part of the schema: "...schema#/properties/age"
+        _check(schema, where, schema if isinstance(schema, dict) else {})
+        self._num_schemas += 1
+        prepared = _true_to_empty(_strip_annotations(copy.deepcopy(schema)))
+        if name:
+            prepared = _prefix_refs(prepared, f"{name}-")
+        try:
+            prepared = self.resolve_refs(prepared, f"schema{self._num_schemas}")
+            return self.visit(prepared, name)
+        except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as error:
+            raise SchemaConverterError(f"{where}: this schema cannot be turned into a grammar: {error}") from None
+
+
+def new_converter() -> CheckedConverter:
+    return CheckedConverter()
+
+
+def finish_grammar(converter: SchemaConverter, rules: list[str] = (), *, root: str = "root") -> GrammarSpec:
+    text = converter.format_grammar()
+    text = _CHAR_RULE.sub(lambda _: _JSON_CHAR, text)
+    return GrammarSpec(gbnf="\n".join([text, *rules]) + "\n", root=root)
+
+
+def schema_grammar(schema: Any, *, where: str = "response_format.json_schema.schema") -> GrammarSpec:
+    """The grammar of JSON documents valid under `schema`; InvalidRequestError (400) names what is unsupported."""
+    converter = new_converter()
+    try:
+        converter.visit_checked(schema, "", where=where)
+    except SchemaConverterError as error:
+        raise InvalidRequestError(str(error), param="response_format") from None
+    return finish_grammar(converter)
+
+
+def response_format_grammar(response_format: Any) -> GrammarSpec | None:
+    """The grammar an OpenAI `response_format` asks for (None for text). Also accepts Cloudflare's
+    `{"type": "json_schema", "json_schema": <the schema itself>}`."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise InvalidRequestError("response_format must be an object.", param="response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return schema_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidRequestError("response_format.json_schema must be an object holding the schema.",
+                                      param="response_format")
+        if "schema" in spec:
+            return schema_grammar(spec["schema"])
+        if set(spec) <= {"name", "description", "strict"}:  # OpenAI without a schema: any JSON object
+            return schema_grammar({"type": "object"})
+        return schema_grammar(spec, where="response_format.json_schema")
+    raise InvalidRequestError(
+        f"response_format.type must be 'text', 'json_object' or 'json_schema', got {json.dumps(kind)}.",
+        param="response_format",
+    )

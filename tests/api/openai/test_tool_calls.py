@@ -1,0 +1,101 @@
+"""Tool calls through the real engine on the bundled SmolLM2 (ChatML: the Hermes `<tool_call>` syntax), read
+with the openai SDK's own types. A forced `tool_choice` (a named function, or required) is a grammar, so
+even this small model's call always parses."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+WEATHER_PARAMETERS = {"type": "object", "properties": {
+    "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                      "parameters": WEATHER_PARAMETERS}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time",
+                                      "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}},
+]
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_a_named_function_is_always_called(client, server):
+    r = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=60, seed=1,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}}, n=2)
+    assert r.usage.completion_tokens <= 120
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
+
+
+def test_required_calls_one_of_the_tools_and_streams_as_tool_call_deltas(client, server):
+    stream = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=80,
+                                            tool_choice="required", parallel_tool_calls=False, seed=3, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    deltas = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+    assert [d.index for d in deltas] == [0]
+    (call,) = deltas
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name in ("get_weather", "get_time")
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        jsonschema.validate(arguments, WEATHER_PARAMETERS)
+    else:
+        assert arguments == {}
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_none_means_no_call_and_a_tool_result_goes_back_to_the_model(client, server):
+    r = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, tool_choice="none",
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    first = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=60,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = first.choices[0].message.tool_calls[0]
+    follow_up = [*MESSAGES, first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees celsius."}]
+    r = client.chat.completions.create(model=server.model, messages=follow_up, tools=TOOLS, max_tokens=12,
+                                       tool_choice="none", temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+    without_result = client.chat.completions.create(model=server.model, messages=follow_up[:-1], tools=TOOLS,
+                                                    max_tokens=1, tool_choice="none")
+    assert r.usage.prompt_tokens > without_result.usage.prompt_tokens + 5  # the tool's answer is in the prompt
+
+
+def test_bad_tool_choice_is_a_400(client, server):
+    try:
+        client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=4,
+                                       tool_choice={"type": "function", "function": {"name": "launch_rocket"}})
+    except openai.BadRequestError as error:
+        assert "launch_rocket" in error.body["message"] and error.body["param"] == "tool_choice"
+    else:
+        raise AssertionError("expected a 400")
+
+
+def test_the_sdk_types_validate_every_body_and_chunk_strictly(http, server):
+    """Beyond the SDK's lenient parsing: each body and chunk passes pydantic validation of the SDK's types."""
+    body = {"model": server.model, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 60, "seed": 5,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    completion = ChatCompletion.model_validate(http.post("/v1/chat/completions", json=body).json())
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.choices[0].message.tool_calls[0].function.name == "get_weather"
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(line)) for line in lines[:-1]]
+    calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -1,0 +1,207 @@
+"""Reasoning through real HTTP in every dialect, on the tiny random-weight R1-Distill-Qwen served as
+deepseek-r1-32b (R1's template: the prompt opens `<think>`; the catalog's default style for this model is raw,
+as seed 004 shows it).
+
+Greedy decoding makes every request with the same prompt produce the same tokens, so each dialect is compared
+with the OpenAI answer to the same request; the reasoning budget forces where the reasoning ends.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server import RunningServer, start_server
+
+MODEL = "deepseek-r1-32b"
+MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
+BUDGET = 4
+MAX_TOKENS = 14
+GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "max_reasoning_tokens": BUDGET}
+
+
+@pytest.fixture(scope="module")
+def r1_server(tiny_ggufs) -> RunningServer:
+    running = start_server("--model-path", tiny_ggufs["deepseek-r1-distill-qwen"], "--model-id", MODEL,
+                           "--parallel", "2", "--ctx-size", "256", "--threads", "1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(r1_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=r1_server.base_url, api_key=r1_server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(r1_server) -> httpx.Client:
+    with httpx.Client(base_url=r1_server.root_url, headers={"Authorization": f"Bearer {r1_server.api_key}"},
+                      timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(oai) -> dict:
+    """The OpenAI answers every other dialect is compared with, one per style (after a warm-up request, so that
+    every request finds the same prompt cache and greedy decoding repeats exactly)."""
+    oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
+                                extra_body={"max_reasoning_tokens": BUDGET})
+    out = {}
+    for fmt in ("deepseek", "raw", "hidden", None):
+        r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
+                                        extra_body={"max_reasoning_tokens": BUDGET,
+                                                    **({"reasoning_format": fmt} if fmt else {})})
+        out[fmt] = r
+    return out
+
+
+def test_bodies_and_chunks_validate_as_the_sdk_types(http):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    body = {"model": MODEL, "messages": MESSAGES, **GREEDY, "reasoning_format": "deepseek"}
+    completion = ChatCompletion.model_validate(http.post("/v1/chat/completions", json=body).json())
+    assert completion.usage.completion_tokens_details.reasoning_tokens == BUDGET
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
+                                                           "stream_options": {"include_usage": True}}) as r:
+        chunks = [ChatCompletionChunk.model_validate(e) for e in sse_payloads(r)]
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == BUDGET
+
+
+def message_extra(r, name: str):
+    return (r.choices[0].message.model_extra or {}).get(name)
+
+
+def test_openai_styles(reference):
+    deepseek, raw, hidden, default = (reference[k] for k in ("deepseek", "raw", "hidden", None))
+    for r in (deepseek, raw, hidden, default):
+        assert r.usage.completion_tokens_details.reasoning_tokens == BUDGET
+        assert r.usage.completion_tokens <= MAX_TOKENS
+    # deepseek: the reasoning apart, under both names; the answer alone in content
+    reasoning = message_extra(deepseek, "reasoning_content")
+    assert reasoning and message_extra(deepseek, "reasoning") == reasoning
+    answer = deepseek.choices[0].message.content
+    assert "<think>" not in answer and "</think>" not in answer and reasoning not in answer
+    # raw: seed 004's shape, "<think>\n" + reasoning + "</think>" + "\n\n" + answer
+    content = raw.choices[0].message.content
+    assert content.startswith("<think>\n") and content.count("</think>") == 1
+    block, after = content.removeprefix("<think>\n").split("</think>")
+    assert block.strip() == reasoning and after.startswith("\n\n") and after.lstrip() == answer
+    assert message_extra(raw, "reasoning_content") is None
+    # the catalog's default for deepseek-r1-32b is raw
+    assert default.choices[0].message.content == content
+    # hidden: the answer only, the reasoning still counted
+    assert hidden.choices[0].message.content == answer and message_extra(hidden, "reasoning_content") is None
+    assert hidden.usage.completion_tokens == deepseek.usage.completion_tokens
+
+
+def test_openai_stream_sends_reasoning_deltas_first_as_they_come(oai, reference):
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS, stream=True,
+        stream_options={"include_usage": True}, extra_body={"max_reasoning_tokens": BUDGET,
+                                                            "reasoning_format": "deepseek"}))
+    order, reasoning, content = [], "", ""
+    for chunk in chunks[:-1]:
+        delta = chunk.choices[0].delta
+        extra = delta.model_extra or {}
+        if extra.get("reasoning_content"):
+            assert extra["reasoning"] == extra["reasoning_content"]
+            order.append("r")
+            reasoning += extra["reasoning_content"]
+        if delta.content:
+            order.append("c")
+            content += delta.content
+    assert order.count("r") >= 2  # streamed as generated, not in one piece at the end
+    assert order == sorted(order, key="rc".index)
+    ref = reference["deepseek"]
+    assert reasoning == message_extra(ref, "reasoning_content") and content == ref.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == BUDGET
+
+
+def test_max_tokens_spent_thinking_is_length_with_empty_content(oai):
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=5,
+                                    extra_body={"reasoning_format": "deepseek", "ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content == ""
+    assert message_extra(r, "reasoning_content") and r.usage.completion_tokens_details.reasoning_tokens == 5
+
+
+def test_reasoning_effort_none_closes_at_once(oai):
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=6,
+                                    reasoning_effort="none", extra_body={"reasoning_format": "deepseek"})
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0 and not message_extra(r, "reasoning_content")
+
+
+def test_earlier_reasoning_is_not_sent_back_to_the_model(oai):
+    def prompt_tokens(assistant: dict) -> int:
+        r = oai.chat.completions.create(model=MODEL, max_tokens=1, messages=[
+            *MESSAGES, assistant, {"role": "user", "content": "And three plus three?"}])
+        return r.usage.prompt_tokens
+
+    plain = prompt_tokens({"role": "assistant", "content": "Four."})
+    assert prompt_tokens({"role": "assistant", "content": "<think>\nLong thoughts here.\n</think>\n\nFour."}) == plain
+    assert prompt_tokens({"role": "assistant", "content": "Four.", "reasoning_content": "Long thoughts."}) == plain
+
+
+def sse_payloads(r: httpx.Response) -> list:
+    data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.mark.parametrize("fmt", ["deepseek", "raw", "hidden"])
+def test_workers_ai(http, reference, fmt):
+    ref = reference[fmt]
+    path = f"/client/v4/accounts/acc/ai/run/@cf/{MODEL}"
+    body = {"messages": MESSAGES, **GREEDY, "reasoning_format": fmt}
+    result = http.post(path, json=body).json()["result"]
+    assert result["response"] == ref.choices[0].message.content
+    assert result.get("reasoning_content") == message_extra(ref, "reasoning_content") == result.get("reasoning")
+    usage = result["usage"]
+    assert usage["completion_tokens_details"] == {"reasoning_tokens": BUDGET}
+    assert usage["completion_tokens"] == ref.usage.completion_tokens
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        events = sse_payloads(r)
+    assert events[-1]["usage"] == usage and events[-1]["response"] == ""
+    kinds = ["r" if e.get("reasoning_content") else "c" for e in events[:-1] if e.get("reasoning_content") or e["response"]]
+    assert kinds == sorted(kinds, key="rc".index)
+    assert "".join(e["response"] for e in events) == result["response"]
+    assert "".join(e.get("reasoning_content", "") for e in events) == result.get("reasoning_content", "")
+
+
+def test_workers_ai_raw_prompt_without_reasoning(http):
+    result = http.post(f"/client/v4/accounts/acc/ai/run/{MODEL}",
+                       json={"prompt": "Hello", "raw": True, "max_tokens": 6, "temperature": 0}).json()["result"]
+    assert result["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+    assert "reasoning_content" not in result
+
+
+@pytest.mark.parametrize("fmt", ["deepseek", "raw"])
+def test_dataoorts(http, reference, fmt):
+    ref = reference[fmt]
+    body = http.post("/api/v1", json={"model": MODEL, "data": {"messages": MESSAGES, **GREEDY,
+                                                               "reasoning_format": fmt}}).json()
+    assert body["success"] is True
+    result = body["result"]
+    assert result["response"] == ref.choices[0].message.content
+    assert result.get("reasoning_content") == message_extra(ref, "reasoning_content")
+    assert result["usage"]["completion_tokens_details"] == {"reasoning_tokens": BUDGET}
+
+
+@pytest.mark.parametrize("fmt", ["deepseek", "hidden"])
+def test_segmind(r1_server, reference, fmt):
+    ref = reference[fmt]
+    with httpx.Client(base_url=r1_server.root_url, headers={"x-api-key": r1_server.api_key}, timeout=120) as segmind:
+        r = segmind.post("/v1/deepseek-reasoner", json={"messages": MESSAGES, **GREEDY, "reasoning_format": fmt})
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]
+        assert message["content"] == ref.choices[0].message.content
+        assert message.get("reasoning_content") == message_extra(ref, "reasoning_content")
+        assert r.json()["usage"]["completion_tokens_details"] == {"reasoning_tokens": BUDGET}
+        with segmind.stream("POST", "/v1/deepseek-reasoner",
+                            json={"messages": MESSAGES, **GREEDY, "reasoning_format": fmt, "stream": True}) as s:
+            chunks = [openai.types.chat.ChatCompletionChunk.model_validate(e) for e in sse_payloads(s)]
+    streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content", "") for c in chunks if c.choices)
+    assert streamed == (message.get("reasoning_content") or "")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message["content"]

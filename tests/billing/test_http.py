@@ -1,0 +1,290 @@
+"""Billing through the real engine and real HTTP, in every dialect: refusals before any generation (402 / 406 /
+3036 / 402), charges equal to the usage clients saw, 200 concurrent requests that never overspend, idempotent
+retries charged once, revocation at once, per-model keys, rate limits, aborted streams, the admin API and
+DeepSeek's /user/balance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from deepserve.billing.money import cost, dollars, TokenPrices
+from tests.billing.servers import (
+    ADMIN_KEY,
+    OPERATOR_KEY,
+    PRICE,
+    REFUSED_STATUS,
+    Billed,
+    assert_refused,
+    dialect_request,
+    fire,
+    start_billing_server,
+    usage_of,
+)
+
+PRICES = TokenPrices(**PRICE)
+FLAT = TokenPrices(**{**PRICE, "cached_input": PRICE["input"]})
+DIALECTS = list(REFUSED_STATUS)
+
+
+@pytest.fixture(scope="module")
+def billed(tmp_path_factory) -> Billed:
+    folder = tmp_path_factory.mktemp("billing-http")
+    running = start_billing_server(f"sqlite:///{folder / 'billing.db'}")
+    server = Billed(running)
+    server.set_price()
+    yield server
+    running.stop()
+
+
+def charge_of(usage: dict, prices: TokenPrices = PRICES) -> int:
+    """The charge for a reported usage; Workers AI and Dataoorts report no cached count (then none is assumed)."""
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return cost(prices, num_prompt=usage["prompt_tokens"], num_cached=cached, num_completion=usage["completion_tokens"])
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_an_empty_balance_is_refused_in_each_dialects_own_way_before_generating(billed, dialect):
+    key = billed.new_key(f"broke-{dialect}")
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        r = http.request(**dialect_request(dialect, billed.model, key))
+        assert_refused(dialect, r)
+        assert r.headers["x-remaining-credits"] == "0.00"
+        streamed = http.request(**dialect_request(dialect, billed.model, key, stream=True)) \
+            if dialect != "dataoorts" else r
+        assert_refused(dialect, streamed)  # a stream is refused before its first byte, with a status
+    assert billed.usage(f"broke-{dialect}") == []
+    assert billed.account(f"broke-{dialect}")["reserved_nanodollars"] == 0
+
+
+def test_the_openai_sdk_sees_deepseeks_402(billed):
+    client = openai.OpenAI(base_url=billed.url + "/v1", api_key=billed.new_key("sdk-broke"), max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=billed.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert caught.value.status_code == 402
+    assert caught.value.body["code"] == "insufficient_balance"
+    with pytest.raises(openai.APIStatusError) as completions:
+        client.completions.create(model=billed.model, prompt="Hi", max_tokens=4)
+    assert completions.value.status_code == 402
+
+
+@pytest.fixture()
+def flat_prompt_price(billed):
+    """Cached prompt tokens at the full input price: Workers AI and Dataoorts report no cached count, and their
+    clients must still be able to check the charge."""
+    billed.set_price({**PRICE, "cached_input": FLAT.cached_input})
+    yield
+    billed.set_price()
+
+
+def test_every_dialect_is_charged_exactly_the_usage_it_reported(billed, flat_prompt_price):
+    granted = 1_000_000_000
+    key = billed.new_key("payer", granted)
+    seen: list[dict] = []
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        for dialect in DIALECTS:
+            r = http.request(**dialect_request(dialect, billed.model, key, max_tokens=6))
+            assert r.status_code == 200, r.text
+            seen.append(usage_of(dialect, r.json()))
+            after = granted - sum(charge_of(u, FLAT) for u in seen)
+            assert r.headers["x-remaining-credits"] == dollars(after)  # the balance after this call
+        r = http.post("/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": billed.model, "prompt": ["One", "Two"], "max_tokens": 3, "n": 2})
+        assert r.status_code == 200
+        seen.append(r.json()["usage"])
+        with http.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": billed.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                               "stream": True, "stream_options": {"include_usage": True}}) as stream:
+            assert "x-remaining-credits" in stream.headers  # after the reservation
+            events = [json.loads(line[6:]) for line in stream.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        seen.append(events[-1]["usage"])
+        balance = http.get("/user/balance", headers={"Authorization": f"Bearer {key}"})
+    expected = sum(charge_of(u, FLAT) for u in seen)
+    rows = billed.usage("payer")
+    assert sum(r["num_requests"] for r in rows) == len(seen)
+    assert sum(r["num_prompt_tokens"] for r in rows) == sum(u["prompt_tokens"] for u in seen)
+    assert sum(r["num_completion_tokens"] for r in rows) == sum(u["completion_tokens"] for u in seen)
+    assert sum(r["cost_nanodollars"] for r in rows) == expected
+    account = billed.account("payer")
+    assert (account["balance_nanodollars"], account["reserved_nanodollars"]) == (granted - expected, 0)
+    assert balance.json() == {"is_available": True, "balance_infos": [{
+        "currency": "USD", "total_balance": dollars(granted - expected), "granted_balance": dollars(granted - expected),
+        "topped_up_balance": "0.00"}]}
+
+
+def test_200_concurrent_requests_never_overspend_and_the_ledger_equals_the_usage(billed, flat_prompt_price):
+    probe = billed.new_key("probe", 10**9)
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        worst = {}
+        for dialect in DIALECTS:  # the worst case of one request in each dialect: prompt + 4 output tokens
+            body = http.request(**dialect_request(dialect, billed.model, probe)).json()
+            worst[dialect] = cost(FLAT, num_prompt=usage_of(dialect, body)["prompt_tokens"], num_cached=0,
+                                  num_completion=4)
+    granted = 20 * max(worst.values())  # covers about 20 of the 200
+    key = billed.new_key("crowd", granted)
+    requests = [dialect_request(DIALECTS[i % 4], billed.model, key) for i in range(200)]
+    responses = asyncio.run(fire(billed.url, requests))
+    served = refused = 0
+    charged = num_prompt = num_completion = 0
+    for i, r in enumerate(responses):
+        dialect = DIALECTS[i % 4]
+        if r.status_code == 200:
+            served += 1
+            usage = usage_of(dialect, r.json())
+            charged += charge_of(usage, FLAT)
+            num_prompt += usage["prompt_tokens"]
+            num_completion += usage["completion_tokens"]
+        else:
+            assert_refused(dialect, r)
+            refused += 1
+    assert served >= 20 and refused > 0 and served + refused == 200
+    account = billed.account("crowd")
+    assert account["reserved_nanodollars"] == 0
+    assert 0 <= account["balance_nanodollars"] == granted - charged
+    rows = billed.usage("crowd")
+    assert sum(r["num_requests"] for r in rows) == served
+    assert sum(r["cost_nanodollars"] for r in rows) == charged
+    assert sum(r["num_prompt_tokens"] for r in rows) == num_prompt
+    assert sum(r["num_completion_tokens"] for r in rows) == num_completion
+
+
+def test_a_retry_with_the_same_idempotency_key_gets_the_identical_body_and_is_charged_once(billed):
+    key = billed.new_key("retrier", 10**9)
+    body = {"model": billed.model, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8,
+            "temperature": 1.0}
+    with httpx.Client(base_url=billed.url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
+        first = http.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "retry-1"})
+        again = http.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "retry-1"})
+        assert first.status_code == again.status_code == 200
+        assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
+        assert again.headers["x-remaining-credits"] == first.headers["x-remaining-credits"]
+        fresh = http.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "retry-2"})
+        assert fresh.json()["id"] != first.json()["id"]
+        other = http.post("/v1/chat/completions", json={**body, "max_tokens": 9}, headers={"Idempotency-Key": "retry-1"})
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+        streamed = [http.post("/v1/chat/completions", json={**body, "stream": True}, headers={"Idempotency-Key": "s-1"})
+                    for _ in range(2)]
+        assert streamed[0].content == streamed[1].content and streamed[0].content.endswith(b"data: [DONE]\n\n")
+        segmind = [http.post("/v1/deepseek-reasoner", json={"messages": body["messages"], "max_tokens": 4},
+                             headers={"x-api-key": key, "Idempotency-Key": "seg-1"}) for _ in range(2)]
+        assert segmind[0].content == segmind[1].content
+    assert sum(r["num_requests"] for r in billed.usage("retrier")) == 4  # retry-1, retry-2, s-1, seg-1
+
+
+def test_a_duplicate_still_in_flight_gets_409_then_the_answer(billed):
+    key = billed.new_key("impatient", 10**9)
+    body = {"model": billed.model, "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 48,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "slow-1"}
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as first:
+            lines = first.iter_lines()
+            assert next(lines).startswith("data: ")  # the first answer has started
+            duplicate = http.post("/v1/chat/completions", json=body, headers=headers)
+            assert duplicate.status_code == 409 and duplicate.json()["error"]["code"] == "idempotency_key_in_use"
+            original = "\n".join(["x", *lines])
+        replay = http.post("/v1/chat/completions", json=body, headers=headers)
+    assert replay.status_code == 200 and replay.headers["idempotent-replayed"] == "true"
+    assert replay.text.rstrip().endswith("data: [DONE]") and original.rstrip().endswith("data: [DONE]")
+    assert sum(r["num_requests"] for r in billed.usage("impatient")) == 1
+
+
+@pytest.mark.parametrize(("dialect", "status"), [("openai", 401), ("segmind", 401), ("workers_ai", 401),
+                                                 ("dataoorts", 401)])
+def test_a_revoked_key_gets_401_at_once(billed, dialect, status):
+    key = billed.new_key(f"revoked-{dialect}", 10**9)
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        assert http.request(**dialect_request(dialect, billed.model, key)).status_code == 200
+        with billed.admin() as admin:
+            prefix = key[:10]
+            assert admin.delete(f"/admin/keys/{prefix}").json()["state"] == "revoked"
+        r = http.request(**dialect_request(dialect, billed.model, key))
+    assert r.status_code == status
+    assert key not in r.text and "revoked" in r.text
+
+
+def test_a_key_for_other_models_gets_403_and_may_use_its_own(billed):
+    key = billed.new_key("narrow", 10**9, allowed_models=["deepseek-r1-32b"])
+    wide = billed.new_key("by-alias", 10**9, allowed_models=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        r = http.request(**dialect_request("openai", billed.model, key))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        assert "deepseek-r1-32b" in r.json()["error"]["message"]
+        cf = http.request(**dialect_request("workers_ai", billed.model, key))
+        assert cf.status_code == 403 and cf.json()["errors"][0]["code"] == 5018
+        assert http.request(**dialect_request("openai", billed.model, wide)).status_code == 200  # an alias names it
+    assert billed.usage("narrow") == []
+
+
+def test_a_rate_limited_key_gets_429_with_retry_after_and_ratelimit_headers(billed):
+    key = billed.new_key("limited", 10**9, rpm_limit=2, tpm_limit=10_000)
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        ok = [http.request(**dialect_request("openai", billed.model, key)) for _ in range(2)]
+        assert [r.status_code for r in ok] == [200, 200]
+        assert ok[0].headers["x-ratelimit-limit-requests"] == "2"
+        assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["1", "0"]
+        assert ok[0].headers["x-ratelimit-limit-tokens"] == "10000"
+        limited = http.request(**dialect_request("openai", billed.model, key))
+        cf = http.request(**dialect_request("workers_ai", billed.model, key))
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(limited.headers["retry-after"]) <= 30
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert cf.status_code == 429 and cf.headers["retry-after"]
+    assert sum(r["num_requests"] for r in billed.usage("limited")) == 2
+
+
+def test_a_stream_the_client_leaves_is_charged_for_what_was_delivered_and_releases_the_rest(billed):
+    key = billed.new_key("leaver", 10**9)
+    body = {"model": billed.model, "messages": [{"role": "user", "content": "Write a long essay."}],
+            "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+            received = 0
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                    received += 1
+                    if received == 5:
+                        break  # hang up mid-stream
+    (row,) = billed.wait_for_usage("leaver", 1)
+    assert 5 <= row["num_completion_tokens"] < 400
+    account = billed.account("leaver")
+    assert account["reserved_nanodollars"] == 0
+    assert account["balance_nanodollars"] == 10**9 - row["cost_nanodollars"]
+    assert row["cost_nanodollars"] == cost(PRICES, num_prompt=row["num_prompt_tokens"], num_cached=0,
+                                           num_completion=row["num_completion_tokens"])
+
+
+def test_operator_keys_are_not_metered(billed):
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        r = http.request(**dialect_request("openai", billed.model, OPERATOR_KEY))
+        assert r.status_code == 200 and "x-remaining-credits" not in r.headers
+        seg = http.request(**dialect_request("segmind", billed.model, OPERATOR_KEY))
+        assert seg.status_code == 200 and seg.headers["x-remaining-credits"] == "0"
+        balance = http.get("/user/balance", headers={"Authorization": f"Bearer {OPERATOR_KEY}"}).json()
+    assert balance == {"is_available": True, "balance_infos": []}
+
+
+def test_the_admin_api_needs_the_admin_key(billed):
+    user_key = billed.new_key("nosy", 10**9)
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        assert http.get("/admin/accounts").status_code == 401
+        assert http.get("/admin/accounts", headers={"Authorization": f"Bearer {user_key}"}).status_code == 401
+        assert http.get("/admin/accounts", headers={"Authorization": f"Bearer {OPERATOR_KEY}"}).status_code == 401
+        ok = http.get("/admin/accounts", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert ok.status_code == 200 and "nosy" in {a["name"] for a in ok.json()["data"]}
+    with billed.admin() as admin:
+        listed = admin.get("/admin/keys", params={"account": "nosy"}).json()["data"]
+        assert [k["prefix"] for k in listed] == [user_key[:10]] and user_key not in json.dumps(listed)
+        bad = admin.post("/admin/credits", json={"account": "nosy", "amount_usd": "1.0000000001"})
+        assert bad.status_code == 400 and "9 decimals" in bad.text
+        taken = admin.post("/admin/credits", json={"account": "nosy", "amount_usd": "-5"})
+        assert taken.status_code == 400 and "available balance" in taken.text
+        assert admin.get("/admin/accounts/nobody").status_code == 404
+        prices = admin.get("/admin/prices").json()
+        assert prices["served"][0] == {"model": billed.model, "source": "operator", "unit":
+                                       "nanodollars_per_million_tokens", **PRICE}
