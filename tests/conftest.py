@@ -27,8 +27,9 @@ def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def server() -> RunningServer:
-    """One real server on the bundled model, shared by the tests that do not need their own settings."""
-    running = start_server("--parallel", "8", "--ctx-size", "1024")
+    """One real server on the bundled model, shared by the tests that do not need their own settings.
+    No --threads: llama.cpp's thread count is the one `make run` gets (a default once crashed decode)."""
+    running = start_server("--parallel", "8", "--ctx-size", "1024", threads=None)
     yield running
     running.stop()
 
