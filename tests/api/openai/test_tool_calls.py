@@ -104,20 +104,6 @@ def test_the_sdk_types_validate_every_body_and_chunk_strictly(http, server):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_the_sdk_stream_helper_accumulates_the_call(client, server):
-    """`client.chat.completions.stream()` rebuilds the message from our chunks as it does from OpenAI's."""
-    with client.chat.completions.stream(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=60, seed=2,
-                                        tool_choice={"type": "function", "function": {"name": "get_weather"}}) as stream:
-        events = [event.type for event in stream]
-        final = stream.get_final_completion()
-    assert "tool_calls.function.arguments.done" in events
-    choice = final.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather" and call.id.startswith("call_")
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
-
-
 # ---- DeepSeek's own call syntax, on the tiny random-weight DeepSeek-V3/R1 (deepseek2) model -----------------------
 # Its vocabulary has the tool-call control tokens and `<think>`; its template is R1's (the prompt opens the block).
 
