@@ -329,3 +329,28 @@ def test_an_older_r1_template_still_reasons_takes_budgets_and_grammars(old_templ
     assert r.usage.completion_tokens_details.reasoning_tokens == BUDGET and message_extra(r, "reasoning_content")
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), SMALL_SCHEMA)
+
+
+def test_stop_strings_apply_to_the_answer_only(oai, reference):
+    ref = reference["deepseek"]
+    reasoning, answer = message_extra(ref, "reasoning_content"), ref.choices[0].message.content
+    stop = reasoning[:3]  # text the model thinks before it answers
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS, stop=[stop],
+                                    extra_body={"max_reasoning_tokens": BUDGET, "reasoning_format": "deepseek"})
+    assert message_extra(r, "reasoning_content") == reasoning  # the reasoning went on past the stop string
+    assert r.choices[0].message.content == answer.split(stop)[0]
+    assert r.choices[0].finish_reason == ("stop" if stop in answer else ref.choices[0].finish_reason)
+
+
+def test_n_choices_stream_their_reasoning_apart(oai, reference):
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS, n=2, stream=True,
+        extra_body={"max_reasoning_tokens": BUDGET, "reasoning_format": "deepseek"}))
+    reasoning, content = ["", ""], ["", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            reasoning[choice.index] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            content[choice.index] += choice.delta.content or ""
+    ref = reference["deepseek"]
+    assert reasoning == [message_extra(ref, "reasoning_content")] * 2  # greedy: both choices think alike
+    assert content == [ref.choices[0].message.content] * 2
