@@ -354,3 +354,27 @@ def test_n_choices_stream_their_reasoning_apart(oai, reference):
     ref = reference["deepseek"]
     assert reasoning == [message_extra(ref, "reasoning_content")] * 2  # greedy: both choices think alike
     assert content == [ref.choices[0].message.content] * 2
+
+
+def test_the_catalog_max_tokens_default_and_limit_hold_in_every_dialect(r1_server, oai, http):
+    """deepseek-r1-32b (seed 004): 100 tokens when max_tokens is omitted, at most 32,768 when it is given."""
+    forced = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
+                                         extra_body={"ignore_eos": True, "max_reasoning_tokens": BUDGET})
+    assert forced.usage.completion_tokens == 100 and forced.choices[0].finish_reason == "length"
+    # greedy without ignore_eos: every dialect stops where OpenAI does (at 100 unless the model ended first)
+    body = {"messages": MESSAGES, "temperature": 0, "max_reasoning_tokens": BUDGET}
+    reference = http.post("/v1/chat/completions", json={**body, "model": MODEL}).json()["usage"]["completion_tokens"]
+    assert reference <= 100
+    with segmind_client(r1_server) as segmind:
+        assert segmind.post("/v1/deepseek-reasoner", json=body).json()["usage"]["completion_tokens"] == reference
+        too_many = segmind.post("/v1/deepseek-reasoner", json={**body, "max_tokens": 40000})
+        assert too_many.status_code == 400 and "at most 32768" in too_many.json()["error"]
+    run = f"/client/v4/accounts/acc/ai/run/{MODEL}"
+    assert http.post(run, json=body).json()["result"]["usage"]["completion_tokens"] == reference  # not Cloudflare's 256
+    assert http.post("/api/v1", json={"model": MODEL, "data": body}).json()["result"]["usage"]["completion_tokens"] == reference
+    r = http.post(run, json={**body, "max_tokens": 40000})
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == 5004 and "at most 32768" in r.json()["errors"][0]["message"]
+    r = http.post("/api/v1", json={"model": MODEL, "data": {**body, "max_tokens": 40000}})
+    assert r.status_code == 400 and "at most 32768" in r.json()["errors"][0]
+    with pytest.raises(openai.BadRequestError, match="at most 32768"):
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40000)
