@@ -91,6 +91,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's -100..100)
     reasoning: ReasoningParams | None = None  # None: the output is never parsed for reasoning (completions)
     grammar: GrammarSpec | None = None  # structured output / forced tool calls
     tool_format: str | None = None  # "deepseek" | "hermes": parse the model's tool calls out of the content

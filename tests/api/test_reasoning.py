@@ -378,3 +378,24 @@ def test_the_catalog_max_tokens_default_and_limit_hold_in_every_dialect(r1_serve
     assert r.status_code == 400 and "at most 32768" in r.json()["errors"][0]
     with pytest.raises(openai.BadRequestError, match="at most 32768"):
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40000)
+
+
+def test_a_model_that_stops_while_thinking_still_answers_the_schema(r1_server, oai, tiny_ggufs):
+    """End-of-generation inside the reasoning (forced here with logit_bias +100 on EOS from the first token)
+    would leave the answer empty and the response_format unmet: the engine closes the block instead, and the
+    grammar, which never allows EOS before the JSON is complete, shapes the answer."""
+    import gguf
+
+    eos = int(gguf.GGUFReader(tiny_ggufs["deepseek-r1-distill-qwen"]).fields["tokenizer.ggml.eos_token_id"].parts[-1][0])
+    openai_format = {"type": "json_schema", "json_schema": {"name": "small", "strict": True, "schema": SMALL_SCHEMA}}
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=80,
+                                    response_format=openai_format, logit_bias={str(eos): 100},
+                                    extra_body={"reasoning_format": "deepseek"})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop"
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    jsonschema.validate(json.loads(choice.message.content), SMALL_SCHEMA)
+    # without a response_format, the same bias simply ends the turn at once, with nothing to show
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=80,
+                                    logit_bias={str(eos): 100}, extra_body={"reasoning_format": "deepseek"})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1 and not r.choices[0].message.content

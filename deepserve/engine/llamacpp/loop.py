@@ -118,6 +118,13 @@ class LlamaCppEngine:
 
     def submit(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         self.check_fits(len(request.prompt_tokens), request.sampling.max_tokens)
+        unknown = [t for t in request.sampling.logit_bias if not 0 <= t < self.runner.num_vocab]
+        if unknown:
+            raise InvalidRequestError(
+                f"logit_bias names token {unknown[0]}, but this model's vocabulary has {self.runner.num_vocab} "
+                f"tokens (0-{self.runner.num_vocab - 1}).",
+                param="logit_bias",
+            )
         if not self.is_ready:
             raise ServiceUnavailableError("The engine is shutting down.")
         collector = RequestCollector(asyncio.get_running_loop())
@@ -251,7 +258,14 @@ class LlamaCppEngine:
                 self.scheduler.commit(chunk, None)
                 self._finish(seq, RequestStatus.FINISHED_ERROR, error=str(exc))
                 return
-            if seq.request.sampling.logprobs:
+            if self._ends_inside_reasoning(state, token):
+                # The model stopped while thinking, but the request owes an answer in its response_format:
+                # close the block for it (as a spent budget does) and let the grammar shape the answer.
+                state.close_forced = True
+                forced = list(self._close_tokens)
+                token = forced.pop(0)
+                is_forced = True
+            elif seq.request.sampling.logprobs:
                 logprob = self._logprob(seq, row, token)
         self.scheduler.commit(chunk, token)
         finished = self._postprocess(seq, token, logprob, forced=is_forced)
@@ -264,6 +278,10 @@ class LlamaCppEngine:
             self.runner.accept(state.sampler, token)
             seq.force([token])
             finished = self._postprocess(seq, token, None, forced=True)
+
+    def _ends_inside_reasoning(self, state: _SequenceState, token: int) -> bool:
+        return (state.grammar is not None and state.reasoning is not None and state.reasoning.parser.in_reasoning
+                and not state.close_forced and self.runner.is_eog(token))
 
     @staticmethod
     def _answering(state: _SequenceState) -> bool:

@@ -265,6 +265,11 @@ class LlamaRunner:
     def new_sampler(self, params: SamplingParams, seed: int) -> int:
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda s: llama.llama_sampler_chain_add(chain, s)  # noqa: E731
+        if params.logit_bias:  # first, as llama.cpp's own sampler does: it shifts what every later stage sees
+            biases = (llama.llama_logit_bias * len(params.logit_bias))(
+                *(llama.llama_logit_bias(token=t, bias=b) for t, b in params.logit_bias.items())
+            )
+            add(llama.llama_sampler_init_logit_bias(self.num_vocab, len(biases), biases))
         if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             add(
                 llama.llama_sampler_init_penalties(

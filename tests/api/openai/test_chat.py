@@ -179,3 +179,38 @@ def test_health_endpoints(http):
     ready = http.get("/v1/health/ready")
     assert ready.status_code == 200 and ready.json()["object"] == "health.response"
     assert engine_stats(http)["num_decode_errors"] == 0
+
+
+@pytest.fixture(scope="module")
+def vocab() -> dict[str, int]:
+    """The bundled model's token ids by token text (GPT-2 style BPE: "Ġ" is a leading space)."""
+    import gguf
+
+    from deepserve.bundled import bundled_model_path
+
+    field = gguf.GGUFReader(str(bundled_model_path())).fields["tokenizer.ggml.tokens"]
+    return {bytes(field.parts[i]).decode("utf-8"): n for n, i in enumerate(field.data)}
+
+
+def test_logit_bias_minus_100_bans_a_token(client: openai.OpenAI, server, vocab):
+    kwargs = dict(model=server.model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert "Paris" in client.completions.create(**kwargs).choices[0].text
+    banned = client.completions.create(**kwargs, logit_bias={str(vocab["ĠParis"]): -100}).choices[0].text
+    assert "Paris" not in banned and banned
+
+
+def test_logit_bias_plus_100_forces_a_token(client: openai.OpenAI, server, vocab):
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, max_tokens=4, temperature=0.8, seed=1,
+        logit_bias={str(vocab["Ġblue"]): 100}, extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].message.content == " blue" * 4
+
+
+@pytest.mark.parametrize(("bias", "needle"), [({"49152": 5}, "vocabulary"), ({"12": 101}, "between -100 and 100"),
+                                              ({"hello": 1}, "token ids")])
+def test_bad_logit_bias_is_400_naming_the_field(http, server, bias, needle):
+    r = http.post("/v1/chat/completions", json={"model": server.model, "messages": MESSAGES, "logit_bias": bias})
+    assert r.status_code == 400
+    assert needle in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "logit_bias"
