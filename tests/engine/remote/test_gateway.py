@@ -102,10 +102,11 @@ def front_stats(front: RunningServer, model: str) -> dict[str, Any]:
 
 
 def wait_idle(servers: list[RunningServer], timeout_s: float = 120) -> None:
-    """Until no upstream has a request running: aborts are applied at an engine step (bounded poll)."""
+    """Until no upstream has a request running or waiting: aborts are applied at an engine step (bounded poll)."""
     deadline = time.monotonic() + timeout_s
-    while any(upstream_stats(s)["num_running"] for s in servers):
+    while any(st["num_running"] or st["num_waiting"] for st in map(upstream_stats, servers)):
         assert time.monotonic() < deadline, "an upstream request was never aborted"
+        time.sleep(0.05)  # poll interval (2 cores: leave them to the upstreams)
 
 
 def direct(upstream: RunningServer, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +326,7 @@ def test_an_upstream_killed_mid_stream_ends_with_an_error_event_and_only_deliver
     deadline = time.monotonic() + 60  # active health checks notice a is gone (bounded poll)
     while front_stats(front, "smol-remote")["upstreams"][0]["healthy"]:
         assert time.monotonic() < deadline
+        time.sleep(0.05)
     sdk = openai.OpenAI(base_url=front.base_url, api_key=OPERATOR_KEY, max_retries=0)
     r = sdk.chat.completions.create(model="smol-remote", **CHAT)
     assert r.choices[0].message.content  # b serves alone
