@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from deepserve.engine.remote.config import RemoteModelSpec
+from deepserve.engine.remote.config import RemoteModelSpec, UpstreamSpec
 from deepserve.engine.remote.protocol import StreamTranslator, UpstreamProtocolError, is_chat, request_body
 from deepserve.engine.remote.router import Router, UpstreamState
 from deepserve.engine.types import GenerateRequest, TextPrompt, TokenDelta
@@ -106,7 +106,9 @@ class RemoteEngine:
 
     @property
     def is_ready(self) -> bool:
-        return not self._closed and self.router.any_available
+        # Not "some upstream is healthy": every replica of this server sees the same upstreams, so taking one
+        # out of its load balancer would not help, and its other models still serve. /health shows upstreams.
+        return not self._closed
 
     def close(self) -> None:
         self._closed = True
@@ -153,8 +155,7 @@ class RemoteEngine:
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         prompt = request.prompt_tokens
-        chat = is_chat(prompt)
-        path = "/chat/completions" if chat else "/completions"
+        path = "/chat/completions" if is_chat(prompt) else "/completions"
         body = request_body(request, self.spec.upstream_model or self.model_id, self.spec.extra_body)
         key = self.router.affinity_key(_affinity_text(prompt))
         tried: list[UpstreamState] = []
@@ -167,27 +168,27 @@ class RemoteEngine:
             if state is None:
                 break
             tried.append(state)
-            upstream = self.spec.upstreams[state.index]
             translator = StreamTranslator(request)  # a fresh count per try: only a try with output is charged
             self.router.started(state)
+            events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
+            reader = _spawn(self._read(self.spec.upstreams[state.index], path, body, events))
             try:
-                async with self._http().stream("POST", upstream.base_url + path, json=body,
-                                               headers=upstream.headers()) as response:
-                    if response.status_code != 200:
-                        await self._refused(response, state)  # raises: _Retry or the client's own error
-                    if not started:  # the upstream took the request: the route may start its response
-                        started = True
-                        yield TokenDelta()
-                    async for payload in _sse_payloads(response):
-                        if payload == "[DONE]":
-                            final = translator.done()
-                            self.router.succeeded(state)
-                            yield final
-                            return
-                        delta = translator.feed(payload)
-                        if delta is not None:
-                            yield delta
-                    raise UpstreamProtocolError("the upstream closed its stream before [DONE]")
+                status, detail = await _next(events)
+                if status != 200:
+                    _refused(status, detail)  # raises: _Retry, or the request's own error
+                if not started:  # the upstream took the request: the route may start its response
+                    started = True
+                    yield TokenDelta()
+                while True:
+                    payload = await _next(events)
+                    if payload == "[DONE]":
+                        final = translator.done()
+                        self.router.succeeded(state)
+                        yield final
+                        return
+                    delta = translator.feed(payload)
+                    if delta is not None:
+                        yield delta
             except DeepserveError as exc:  # the request's own fault (an upstream 400): no failover
                 if not started:
                     raise
@@ -210,6 +211,7 @@ class RemoteEngine:
                 log.warning("upstream %s failed a request of %s before its first token (%s); trying another",
                             state.name, self.model_id, reason)
             finally:
+                reader.cancel()  # closes the upstream connection when it is still open: the upstream aborts
                 self.router.ended(state)
         message = (f"No upstream of {self.model_id} could take the request "
                    f"({len(tried)} tried of {len(self.router.upstreams)}"
@@ -221,14 +223,58 @@ class RemoteEngine:
             raise QueueFullError(message)
         raise ServiceUnavailableError(message)
 
-    async def _refused(self, response: httpx.Response, state: UpstreamState) -> None:
-        status = response.status_code
-        detail = _error_message(await response.aread())
-        if status in (400, 422):
-            raise InvalidRequestError(f"The upstream engine refused the request: {detail}")
-        if status == 413:
-            raise PayloadTooLargeError(f"The upstream engine refused the request: {detail}")
-        raise _Retry(f"HTTP {status}", busy=status == 429)
+    async def _read(self, upstream: UpstreamSpec, path: str, body: dict[str, Any],
+                    events: asyncio.Queue[tuple[str, Any]]) -> None:
+        """One upstream request, in a task of its own: ("status", (code, error body)), then ("data", payload)
+        per SSE event, then ("end", None); ("error", exc) on a transport failure.
+
+        Why a task of its own: when the client goes away the server cancels the request's task through an
+        anyio cancel scope, which re-delivers the cancellation at every await; httpx's own close of the
+        connection is then cut short and the connection stays open, so the upstream would keep generating
+        for nobody. This task is outside that scope: the request's `finally` cancels it once, and the close
+        (the `async with` exit) completes, so the upstream sees the connection drop and aborts."""
+        try:
+            async with self._http().stream("POST", upstream.base_url + path, json=body,
+                                           headers=upstream.headers()) as response:
+                if response.status_code != 200:
+                    await events.put(("status", (response.status_code, await response.aread())))
+                    return
+                await events.put(("status", (200, b"")))
+                async for payload in _sse_payloads(response):
+                    await events.put(("data", payload))
+                    if payload == "[DONE]":
+                        return
+            await events.put(("end", None))
+        except httpx.HTTPError as exc:
+            await events.put(("error", exc))
+
+
+_tasks: set[asyncio.Task] = set()  # upstream readers alive (the loop keeps only weak references)
+
+
+def _spawn(coroutine: Any) -> asyncio.Task:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+async def _next(events: asyncio.Queue[tuple[str, Any]]) -> Any:
+    kind, value = await events.get()
+    if kind == "error":
+        raise value
+    if kind == "end":
+        raise UpstreamProtocolError("the upstream closed its stream before [DONE]")
+    return value
+
+
+def _refused(status: int, raw: bytes) -> None:
+    detail = _error_message(raw)
+    if status in (400, 422):
+        raise InvalidRequestError(f"The upstream engine refused the request: {detail}")
+    if status == 413:
+        raise PayloadTooLargeError(f"The upstream engine refused the request: {detail}")
+    raise _Retry(f"HTTP {status}", busy=status == 429)
 
 
 def _text_of(message: dict[str, Any]) -> str:
