@@ -67,7 +67,7 @@ class RemoteEngine:
         self._client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task | None = None
         self._closed = False
-        self.num_failovers = 0  # tries that moved on to another upstream before any output
+        self.num_failovers = 0  # tries that failed before any output (the request moved on, or found none left)
         self.num_broken_streams = 0  # streams that failed after output had left
 
     # ---- life cycle ---------------------------------------------------------------------------------
@@ -88,7 +88,10 @@ class RemoteEngine:
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self.probe(u) for u in self.router.upstreams))
+            try:
+                await asyncio.gather(*(self.probe(u) for u in self.router.upstreams))
+            except Exception:  # a probe must never end the checks
+                log.exception("health probes of %s failed", self.model_id)
             await asyncio.sleep(self.spec.health_interval_s)
 
     async def probe(self, state: UpstreamState) -> bool:
