@@ -111,6 +111,10 @@ def _check_models(settings: Settings) -> None:
     from deepserve.catalog.plan import ModelUnavailableError, plan_models
     from deepserve.catalog.registry import LocalRegistry
 
+    if settings.config is not None and (settings.model_path or settings.models):
+        typer.echo("deepserve: --config lists the models to serve: give it, or --model / --model-path, not both.",
+                   err=True)
+        raise typer.Exit(2)
     try:
         if settings.config is not None:
             from deepserve.models_file import load_models_file

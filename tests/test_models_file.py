@@ -70,3 +70,16 @@ def test_a_file_without_models_is_refused(tmp_path):
         load_models_file(path, Settings(), default_catalog(), LocalRegistry(tmp_path))
     with pytest.raises(ModelUnavailableError, match="cannot read"):
         load_models_file(tmp_path / "absent.yaml", Settings(), default_catalog(), LocalRegistry(tmp_path))
+
+
+def test_serve_refuses_a_bad_models_file_or_one_mixed_with_model_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepserve.cli import app
+
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  - id: nope\n    upstreams: [{url: 'ftp://x/v1'}]\n")
+    result = CliRunner().invoke(app, ["serve", "--config", str(path)])
+    assert result.exit_code == 2 and "models[0] (nope)" in result.output and "must be http(s)" in result.output
+    result = CliRunner().invoke(app, ["serve", "--config", str(path), "--model", "SmolLM2-135M-Instruct"])
+    assert result.exit_code == 2 and "not both" in result.output
