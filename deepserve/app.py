@@ -24,10 +24,11 @@ from deepserve.api.workers_ai import routes as workers_ai_routes
 from deepserve.billing.headers import BillingHeaders
 from deepserve.billing.idempotency import IdempotencyMiddleware
 from deepserve.billing.service import Billing
-from deepserve.catalog import default_catalog
+from deepserve.catalog import Catalog, default_catalog
 from deepserve.catalog.plan import ModelPlan, plan_models
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.config import Settings
+from deepserve.engine.remote.config import RemoteModelSpec
 from deepserve.serving import ModelRegistry, ServedModel
 from deepserve.templates.chat import ChatTemplate, choose_template_source
 
@@ -68,14 +69,38 @@ def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> Serv
     )
 
 
+def load_remote_model(spec: RemoteModelSpec, catalog: Catalog) -> ServedModel:
+    """A model served by upstream engines (models file entries with `upstreams`); starts its health checks."""
+    from deepserve.engine.remote import RemoteEngine
+
+    entry = catalog.find(spec.id)
+    engine = RemoteEngine(spec)
+    engine.start()
+    return ServedModel(model_id=spec.id, engine=engine, template=None,
+                       owned_by=entry.owned_by if entry else "deepserve", catalog=entry)
+
+
 def load_served_models(settings: Settings, registry: ModelRegistry) -> None:
-    """Start every model the settings name (see deepserve.catalog.plan), one engine each."""
+    """Start every model the settings name, one engine each: the models file's (`--config`), else those
+    deepserve.catalog.plan picks."""
     catalog = registry.catalog or default_catalog()
-    plans = plan_models(settings, catalog, registry.local or LocalRegistry(settings.data_dir))
+    local = registry.local or LocalRegistry(settings.data_dir)
+    remote: list[RemoteModelSpec] = []
+    if settings.config is not None:
+        from deepserve.models_file import load_models_file
+
+        models_file = load_models_file(settings.config, settings, catalog, local)
+        plans, remote = models_file.local, models_file.remote
+    else:
+        plans = plan_models(settings, catalog, local)
     try:
         for plan in plans:
             registry.add(load_served_model(settings, plan))
             log.info("serving %s from %s", plan.model_id, plan.path)
+        for spec in remote:
+            registry.add(load_remote_model(spec, catalog))
+            log.info("serving %s through %d upstream(s): %s", spec.id, len(spec.upstreams),
+                     ", ".join(u.name for u in spec.upstreams))  # names only: never a key
     except BaseException:
         registry.close()  # engines already started must not outlive a failed start
         raise

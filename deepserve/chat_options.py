@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from deepserve.engine.types import GrammarSpec, ReasoningFormat, ReasoningParams, SamplingParams
+from deepserve.engine.types import GrammarSpec, ReasoningFormat, ReasoningParams, SamplingParams, TextPrompt
 from deepserve.errors import InvalidRequestError
 from deepserve.reasoning import EFFORT_BUDGETS, budget_for
 from deepserve.structured import response_format_grammar
@@ -35,10 +35,11 @@ class ChatOptions:
 
 @dataclass(slots=True)
 class PreparedChat:
-    prompt_tokens: list[int]
+    prompt_tokens: list[int] | TextPrompt  # TextPrompt: the model is served by an upstream engine
     reasoning: ReasoningParams
     grammar: GrammarSpec | None = None
     tool_format: str | None = None
+    response_format: dict[str, Any] | None = None  # forwarded to an upstream engine, which enforces it
 
     def configure(self, model: Any, sampling: SamplingParams, *, omitted: Iterable[str] = ()) -> SamplingParams:
         """`sampling` with the model's defaults where the request gave none, and the chat's engine options."""
@@ -46,6 +47,7 @@ class PreparedChat:
         sampling.reasoning = self.reasoning
         sampling.grammar = self.grammar
         sampling.tool_format = self.tool_format
+        sampling.response_format = self.response_format
         return sampling
 
 
@@ -93,6 +95,13 @@ def prepare_chat(model: Any, messages: list[dict[str, Any]], options: ChatOption
     """Prompt tokens and engine options of a chat request on `model`."""
     options = options or ChatOptions()
     reasoning = reasoning_params(model, options)
+    if getattr(model, "takes_text_prompts", False):
+        # An upstream engine renders the template, describes the tools, parses calls and enforces
+        # response_format itself: they travel as the request gave them (its refusals come back as 400s).
+        check_tools(options.tools, options.tool_choice)
+        prompt = model.upstream_chat_prompt(messages, tools=options.tools, tool_choice=options.tool_choice,
+                                            parallel_tool_calls=options.parallel_tool_calls)
+        return PreparedChat(prompt_tokens=prompt, reasoning=reasoning, response_format=options.response_format)
     grammar = response_format_grammar(options.response_format)
     functions, forced = check_tools(options.tools, options.tool_choice)
     tool_format = None
@@ -125,5 +134,8 @@ def configure_sampling(model: Any, sampling: SamplingParams, options: ChatOption
     options = options or ChatOptions()
     apply_model_defaults(model, sampling, omitted=omitted, num_prompt_tokens=num_prompt_tokens)
     sampling.reasoning = reasoning_params(model, options)
-    sampling.grammar = response_format_grammar(options.response_format)
+    if getattr(model, "takes_text_prompts", False):
+        sampling.response_format = options.response_format  # the upstream engine enforces it
+    else:
+        sampling.grammar = response_format_grammar(options.response_format)
     return sampling

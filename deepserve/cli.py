@@ -65,6 +65,8 @@ def serve(
         None, "--model", help="Catalog or registered id to serve (repeatable; default: every registered model)."
     ),
     template: str = typer.Option(None, help="Built-in chat template for every model served (overrides the GGUF's)."),
+    config: str = typer.Option(None, "--config", help="Models file (YAML): serve exactly the local and "
+                               "upstream-served (vLLM, SGLang, ...) models it lists. See deploy/README.md."),
     data_dir: str = typer.Option(None, help="Model registry and weights folder (default ~/.local/share/deepserve)."),
     host: str = typer.Option(None, help="Address to listen on (default 127.0.0.1)."),
     port: int = typer.Option(None, help="Port (default 8000; 0 picks a free one)."),
@@ -85,6 +87,7 @@ def serve(
     """Serve the OpenAI-compatible API."""
     overrides = {
         "model_path": model_path, "model_id": model_id, "models": model or None, "template": template,
+        "config": config,
         "data_dir": data_dir, "host": host, "port": port, "threads": threads,
         "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
         "kv_unified": kv_unified, "poll": poll, "api_keys": api_key or None, "no_auth": no_auth,
@@ -108,8 +111,17 @@ def _check_models(settings: Settings) -> None:
     from deepserve.catalog.plan import ModelUnavailableError, plan_models
     from deepserve.catalog.registry import LocalRegistry
 
+    if settings.config is not None and (settings.model_path or settings.models):
+        typer.echo("deepserve: --config lists the models to serve: give it, or --model / --model-path, not both.",
+                   err=True)
+        raise typer.Exit(2)
     try:
-        plan_models(settings, default_catalog(), LocalRegistry(settings.data_dir))
+        if settings.config is not None:
+            from deepserve.models_file import load_models_file
+
+            load_models_file(settings.config, settings, default_catalog(), LocalRegistry(settings.data_dir))
+        else:
+            plan_models(settings, default_catalog(), LocalRegistry(settings.data_dir))
     except ModelUnavailableError as exc:
         typer.echo(f"deepserve: {exc}", err=True)
         raise typer.Exit(2) from exc

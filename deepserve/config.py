@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         default_factory=list, description="catalog or registered ids to serve (default: every registered model)"
     )
     template: str | None = Field(None, description="built-in chat template for every model served")
+    config: Path | None = Field(
+        None, description="models file (YAML): serve exactly the local and upstream-served models it lists"
+    )
     data_dir: Path = Field(
         Path("~/.local/share/deepserve"), validate_default=True, description="local model registry and pulled weights"
     )

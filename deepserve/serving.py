@@ -2,7 +2,9 @@
 
 `ServedModel` turns messages or a raw prompt into prompt tokens the way the model was trained
 (GGUF chat template, else the catalog's built-in one) and carries the model's catalog entry, whose defaults
-(max_tokens, temperature, top_p, prices) the dialects apply. `generate()` runs n choices of one request on
+(max_tokens, temperature, top_p, prices) the dialects apply. A model served by upstream engines
+(`engine.takes_text_prompts`) has no local template or tokenizer: its "prompt tokens" are a `TextPrompt`
+(the messages or the text, which the upstream renders), whose len() is an upper bound of its tokens. `generate()` runs n choices of one request on
 the engine and yields (choice index, delta) pairs, merged as they arrive. Dialects call these and never
 touch the engine.
 """
@@ -20,7 +22,7 @@ from deepserve.catalog import Catalog, CatalogEntry
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.engine.base import Engine
 from deepserve.engine.types import (
-    FinishReason, GenerateRequest, SamplingParams, TokenDelta, TokenLogprob, ToolCall, next_request_id,
+    FinishReason, GenerateRequest, SamplingParams, TextPrompt, TokenDelta, TokenLogprob, ToolCall, next_request_id,
 )
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.templates.chat import ChatTemplate
@@ -30,7 +32,7 @@ from deepserve.templates.chat import ChatTemplate
 class ServedModel:
     model_id: str
     engine: Engine
-    template: ChatTemplate
+    template: ChatTemplate | None  # None for a model whose upstream engine renders its own template
     owned_by: str = "deepserve"
     created: int = field(default_factory=lambda: int(time.time()))
     catalog: CatalogEntry | None = None  # the model's facts, when the catalog knows it
@@ -39,16 +41,31 @@ class ServedModel:
     def ctx_size(self) -> int:
         return self.engine.ctx_size
 
-    def chat_prompt_tokens(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
+    @property
+    def takes_text_prompts(self) -> bool:
+        """True when an upstream engine serves the model: prompts go to it as messages or text."""
+        return bool(getattr(self.engine, "takes_text_prompts", False))
+
+    def chat_prompt_tokens(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int] | TextPrompt:
         from deepserve.reasoning import open_reasoning, strip_reasoning_history  # earlier reasoning never goes back in
 
+        if self.takes_text_prompts:
+            return self.upstream_chat_prompt(messages)
         text = self.template.render(strip_reasoning_history(messages), add_generation_prompt=True, **template_kwargs)
         if self.catalog is not None and self.catalog.reasoning:
             text = open_reasoning(text)  # an older R1 template leaves the <think> block to the model
         # The template writes BOS itself when the model wants one; never add a second.
         return self.engine.tokenize(text, add_special=False, parse_special=True)
 
-    def text_prompt_tokens(self, prompt: str) -> list[int]:
+    def upstream_chat_prompt(self, messages: list[dict[str, Any]], **tool_fields: Any) -> TextPrompt:
+        """The chat for an upstream engine, with its tools (tools, tool_choice, parallel_tool_calls) as given."""
+        from deepserve.reasoning import strip_reasoning_history
+
+        return self.engine.chat_prompt(strip_reasoning_history(messages), **tool_fields)
+
+    def text_prompt_tokens(self, prompt: str) -> list[int] | TextPrompt:
+        if self.takes_text_prompts:
+            return self.engine.text_prompt(prompt)
         # A raw prompt is user text: special-token strings in it stay text.
         return self.engine.tokenize(prompt, add_special=True, parse_special=False)
 
@@ -183,7 +200,7 @@ class ChoiceResult:
 
 
 def generate(
-    engine: Engine, prompt_tokens: list[int], sampling: SamplingParams, n: int = 1
+    engine: Engine, prompt_tokens: list[int] | TextPrompt, sampling: SamplingParams, n: int = 1
 ) -> AsyncIterator[tuple[int, TokenDelta]]:
     """Submit n choices now (errors such as a full queue raise here) and return their merged stream."""
     request_ids: list[str] = []
@@ -229,6 +246,41 @@ async def _merge(streams: list[AsyncIterator[TokenDelta]]) -> AsyncIterator[tupl
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _ReadAhead:
+    """A stream whose first item was read before the response started; it is given again first.
+
+    For engines that connect on the first read (`starts_on_first_read`: an upstream server), so that a
+    failure to start (bad input the upstream refused, no upstream reachable) raises in the route and is
+    answered with a status in the dialect's envelope instead of an error event in a 200 stream."""
+
+    __slots__ = ("_first", "_inner")
+
+    def __init__(self, first: tuple[int, TokenDelta], inner: AsyncIterator[tuple[int, TokenDelta]]):
+        self._first: tuple[int, TokenDelta] | None = first
+        self._inner = inner
+
+    def __aiter__(self) -> _ReadAhead:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenDelta]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def read_ahead(stream: AsyncIterator[tuple[int, TokenDelta]]) -> _ReadAhead:
+    try:
+        first = await stream.__anext__()
+    except BaseException:
+        await stream.aclose()
+        raise
+    return _ReadAhead(first, stream)
+
+
 async def collect_stream(stream: AsyncIterator[tuple[int, TokenDelta]], n: int) -> list[ChoiceResult]:
     """Drain a `generate()` stream into one result per choice."""
     results = [ChoiceResult(index=i) for i in range(n)]
@@ -239,7 +291,7 @@ async def collect_stream(stream: AsyncIterator[tuple[int, TokenDelta]], n: int) 
 
 
 async def metered_generate(
-    request: Any, model: ServedModel, prompt_tokens: list[int], sampling: SamplingParams, n: int = 1
+    request: Any, model: ServedModel, prompt_tokens: list[int] | TextPrompt, sampling: SamplingParams, n: int = 1
 ) -> AsyncIterator[tuple[int, TokenDelta]]:
     """What every dialect route calls instead of `generate()`: the one place where a request is metered."""
     (stream,) = await metered_generate_many(request, model, [prompt_tokens], sampling, n)
@@ -247,7 +299,7 @@ async def metered_generate(
 
 
 async def metered_generate_many(
-    request: Any, model: ServedModel, prompts: list[list[int]], sampling: SamplingParams, n: int = 1
+    request: Any, model: ServedModel, prompts: list[list[int] | TextPrompt], sampling: SamplingParams, n: int = 1
 ) -> list[AsyncIterator[tuple[int, TokenDelta]]]:
     """Several prompts of one request (/v1/completions), n choices each, metered as one request.
 
@@ -288,13 +340,17 @@ async def metered_generate_many(
         request.state.remaining_nanodollars = reservation.available_after
         request.state.ratelimit_headers = reservation.rate_headers
         charge = Charge(
-            meter, reservation, [len(tokens) for tokens in prompts], n, request.url.path,
+            # A TextPrompt's count is the upstream's to tell (its len() is only the bound reserved above).
+            meter, reservation, [0 if isinstance(tokens, TextPrompt) else len(tokens) for tokens in prompts], n,
+            request.url.path,
             on_settled=lambda available: setattr(request.state, "remaining_nanodollars", available),
         )
     streams: list[AsyncIterator[tuple[int, TokenDelta]]] = []
     try:
         for tokens in prompts:
             streams.append(generate(model.engine, tokens, sampling, n))
+            if getattr(model.engine, "starts_on_first_read", False):
+                streams[-1] = await read_ahead(streams[-1])
     except BaseException:
         for stream in streams:
             await stream.aclose()

@@ -161,7 +161,10 @@ class Charge:
 
     def observe(self, group: int, index: int, delta: TokenDelta) -> None:
         choice = self._choices[group][index]
-        choice.num_delivered += len(delta.token_ids)
+        choice.num_delivered += delta.num_tokens
+        if delta.num_prompt_tokens and not self._prompt_lengths[group]:
+            # An upstream engine tells its prompt count mid-stream (no local tokenizer knew it before).
+            self._prompt_lengths[group] = delta.num_prompt_tokens
         if delta.finish_reason is not None:
             choice.final = delta
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(str, enum.Enum):
@@ -95,6 +96,8 @@ class SamplingParams:
     reasoning: ReasoningParams | None = None  # None: the output is never parsed for reasoning (completions)
     grammar: GrammarSpec | None = None  # structured output / forced tool calls
     tool_format: str | None = None  # "deepseek" | "hermes": parse the model's tool calls out of the content
+    # The request's response_format as given: an upstream engine forwards it (the local engine uses `grammar`).
+    response_format: dict | None = None
 
 
 _request_counter = itertools.count(1)
@@ -105,10 +108,31 @@ def next_request_id(prefix: str = "req") -> str:
 
 
 @dataclass(slots=True)
+class TextPrompt:
+    """A prompt for an engine that renders and tokenizes it itself (an upstream server: deepserve/engine/remote).
+
+    Exactly one of `messages` (a chat, sent with its `tools`) and `text` (a raw completion prompt) is set.
+    There is no local tokenizer, so its token count is not known before the upstream reports it; `len()` is an
+    upper bound (`num_tokens_bound`), which is what the callers of `len(prompt)` need: the room left in the
+    context window and the worst case a reservation holds. What is charged is the upstream's own count.
+    """
+
+    messages: list[dict] | None = None
+    text: str | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    num_tokens_bound: int = 0
+
+    def __len__(self) -> int:
+        return self.num_tokens_bound
+
+
+@dataclass(slots=True)
 class GenerateRequest:
     """One sequence to generate. `n` > 1 in an API request becomes n GenerateRequests."""
 
-    prompt_tokens: list[int]
+    prompt_tokens: list[int] | TextPrompt  # TextPrompt: only for engines with `takes_text_prompts`
     sampling: SamplingParams
     request_id: str = field(default_factory=next_request_id)
 
@@ -152,3 +176,10 @@ class TokenDelta:
     num_generated_tokens: int = 0
     num_reasoning_tokens: int = 0  # of num_generated_tokens, those spent thinking
     error: str | None = None
+    # Tokens this delta delivers when it has no ids (an upstream engine streams text): None means len(token_ids).
+    token_count: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated tokens this delta delivers (what billing counts for a stream cut short)."""
+        return len(self.token_ids) if self.token_count is None else self.token_count
