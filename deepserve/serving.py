@@ -23,6 +23,7 @@ from deepserve.engine.types import (
     FinishReason, GenerateRequest, SamplingParams, TokenDelta, TokenLogprob, ToolCall, next_request_id,
 )
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
+from deepserve.observability.requests import observe_streams
 from deepserve.templates.chat import ChatTemplate
 
 
@@ -299,4 +300,5 @@ async def metered_generate_many(
         if charge is not None:
             await charge.release()
         raise
+    streams = observe_streams(request, model.model_id, prompts, n, streams)  # metrics + request log (observability)
     return charge.wrap(streams) if charge is not None else streams
