@@ -14,7 +14,7 @@ from deepserve.cli_models import app as models_app
 from deepserve.cli_prices import app as prices_app
 from deepserve.cli_usage import app as usage_app
 from deepserve.config import Settings
-from deepserve.observability.logs import configure_logging
+from deepserve.observability.logs import FORMATS, configure_logging
 from deepserve.shutdown import GracefulServer
 
 app = typer.Typer(help="deepserve: self-hosted inference for DeepSeek models.", no_args_is_help=True)
@@ -99,6 +99,8 @@ def serve(
         "log_format": log_format, "log_prompts": log_prompts, "shutdown_timeout_s": shutdown_timeout,
         "metrics_key": metrics_key,
     }
+    if log_format is not None and log_format not in FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}", param_hint="--log-format")
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     _check_models(settings)
     from deepserve.app import create_app
