@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
 
     app.add_middleware(BillingHeaders)  # x-remaining-credits, x-ratelimit-*: inside, so replays repeat them
     app.add_middleware(IdempotencyMiddleware)
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_render_error=render_error)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=render_error)
     app.add_middleware(CancelOnDisconnect)  # sees the client leave whatever the route does
     app.state.drain = Drain()  # deepserve.shutdown.GracefulServer starts it on SIGTERM/SIGINT
     app.add_middleware(DrainGuard, drain=app.state.drain, render_error=render_error)  # 503 while shutting down

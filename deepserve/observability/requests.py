@@ -90,7 +90,7 @@ class ObservedStream:
 
     A class, not an async generator: closing one that never started still closes the stream inside it."""
 
-    __slots__ = ("_inner", "_record", "_num_prompt", "_choices", "_closed")
+    __slots__ = ("_inner", "_record", "_num_prompt", "_choices", "_closed", "_itl")
 
     def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]], record: RequestRecord, num_prompt: int, n: int):
         self._inner = inner
@@ -98,6 +98,7 @@ class ObservedStream:
         self._num_prompt = num_prompt
         self._choices = [_Choice() for _ in range(n)]
         self._closed = False
+        self._itl = metrics.INTER_TOKEN_LATENCY.labels(record.model, record.dialect)  # looked up once, used per token
 
     def __aiter__(self) -> ObservedStream:
         return self
@@ -115,19 +116,17 @@ class ObservedStream:
 
     def _observe(self, index: int, delta: TokenDelta) -> None:
         record = self._record
-        labels = (record.model, record.dialect)
         choice = self._choices[index]
         num_tokens = len(delta.token_ids)
         if num_tokens:
             now = time.perf_counter()
             if record.first_token_at is None:
                 record.first_token_at = now
-                metrics.TIME_TO_FIRST_TOKEN.labels(*labels).observe(record.elapsed(now))
+                metrics.TIME_TO_FIRST_TOKEN.labels(record.model, record.dialect).observe(record.elapsed(now))
             elif choice.last_token_at is not None:  # a choice's first token is no inter-token gap
                 gap = (now - choice.last_token_at) / num_tokens  # a delta may carry several tokens (remote)
-                histogram = metrics.INTER_TOKEN_LATENCY.labels(*labels)
                 for _ in range(num_tokens):
-                    histogram.observe(gap)
+                    self._itl.observe(gap)
             choice.last_token_at = now
             choice.num_delivered += num_tokens
         if delta.finish_reason is not None:
