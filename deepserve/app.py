@@ -29,7 +29,10 @@ from deepserve.catalog.plan import ModelPlan, plan_models
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.config import Settings
 from deepserve.engine.remote.config import RemoteModelSpec
+from deepserve.observability import routes as metrics_routes
+from deepserve.observability.requests import RequestObserver
 from deepserve.serving import ModelRegistry, ServedModel
+from deepserve.shutdown import Drain, DrainGuard
 from deepserve.templates.chat import ChatTemplate, choose_template_source
 
 log = logging.getLogger(__name__)
@@ -146,6 +149,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     errors.install(app)
     app.state.errors = errors
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)  # /metrics, /v1/metrics: before Segmind's /v1/{slug}
     app.include_router(balance_routes.router)
     admin_routes.install(app)
     app.include_router(openai_routes.router)
@@ -153,11 +157,14 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     dataoorts_routes.install(app)
     segmind_routes.install(app)  # last: its /v1/{slug} must not shadow the OpenAI routes
 
-    def too_large(scope, error):
+    def render_error(scope, error):  # any error raised before routing, in the caller's dialect
         return errors.render(Request(scope), error)
 
     app.add_middleware(BillingHeaders)  # x-remaining-credits, x-ratelimit-*: inside, so replays repeat them
     app.add_middleware(IdempotencyMiddleware)
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=too_large)
-    app.add_middleware(CancelOnDisconnect)  # outermost: sees the client leave whatever the route does
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=render_error)
+    app.add_middleware(CancelOnDisconnect)  # sees the client leave whatever the route does
+    app.state.drain = Drain()  # deepserve.shutdown.GracefulServer starts it on SIGTERM/SIGINT
+    app.add_middleware(DrainGuard, drain=app.state.drain, render_error=render_error)  # 503 while shutting down
+    app.add_middleware(RequestObserver, log_prompts=settings.log_prompts)  # outermost: request id, metrics, log
     return app

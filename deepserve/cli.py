@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import typer
 import uvicorn
@@ -15,6 +14,8 @@ from deepserve.cli_models import app as models_app
 from deepserve.cli_prices import app as prices_app
 from deepserve.cli_usage import app as usage_app
 from deepserve.config import Settings
+from deepserve.observability.logs import FORMATS, configure_logging
+from deepserve.shutdown import GracefulServer
 
 app = typer.Typer(help="deepserve: self-hosted inference for DeepSeek models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -25,11 +26,12 @@ app.add_typer(prices_app, name="prices")
 app.add_typer(db_app, name="db")
 
 
-class _Server(uvicorn.Server):
-    """Prints one ready line once the socket is listening (port 0 resolves to the real port)."""
+class _Server(GracefulServer):
+    """Prints one ready line once the socket is listening (port 0 resolves to the real port); drains on
+    SIGTERM/SIGINT (deepserve.shutdown)."""
 
     def __init__(self, config: uvicorn.Config, settings: Settings):
-        super().__init__(config)
+        super().__init__(config, drain=config.app.state.drain, timeout_s=settings.shutdown_timeout_s)
         self._settings = settings
 
     async def startup(self, sockets=None) -> None:
@@ -83,6 +85,11 @@ def serve(
     admin_key: str = typer.Option(None, help="Key for the /admin/ API (default: DEEPSERVE_ADMIN_KEY; none: off)."),
     sse_keepalive: float = typer.Option(None, help="Idle seconds before an SSE `: keep-alive` comment (default 10)."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
+    log_format: str = typer.Option(None, help="Log lines as `text` or `json` (one object a line; default text)."),
+    log_prompts: bool = typer.Option(None, "--log-prompts", help="Put each request's prompt in its log line."),
+    shutdown_timeout: float = typer.Option(
+        None, help="Seconds running requests get to finish after SIGTERM/SIGINT (default 30)."),
+    metrics_key: str = typer.Option(None, help="Bearer token that /metrics requires (default: none, open)."),
 ) -> None:
     """Serve the OpenAI-compatible API."""
     overrides = {
@@ -92,15 +99,19 @@ def serve(
         "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
         "kv_unified": kv_unified, "poll": poll, "api_keys": api_key or None, "no_auth": no_auth,
         "sse_keepalive_s": sse_keepalive, "database_url": database_url, "admin_key": admin_key,
+        "log_format": log_format, "log_prompts": log_prompts, "shutdown_timeout_s": shutdown_timeout,
+        "metrics_key": metrics_key,
     }
+    if log_format is not None and log_format not in FORMATS:
+        raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}", param_hint="--log-format")
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     _check_models(settings)
     from deepserve.app import create_app
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, logging.INFO)  # uvicorn's loggers too (log_config=None below)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-        timeout_graceful_shutdown=10,
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level, log_config=None,
+        timeout_graceful_shutdown=5,  # only after a second signal, or for idle connections after the drain
     )
     _Server(config, settings).run()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(None, description="key for the /admin/ API (no key: the admin API is off)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     sse_keepalive_s: float = Field(10.0, gt=0, description="idle seconds before a `: keep-alive` SSE comment")
+    # operating it (deepserve.observability, deepserve.shutdown)
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each")
+    log_prompts: bool = Field(False, description="put each request's prompt in its log line (off: never)")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM/SIGINT, seconds running requests get to finish before cancellation"
+    )
+    metrics_key: str | None = Field(
+        None, description="bearer token /metrics requires (none: open, as vLLM and NIM serve it)"
+    )
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod

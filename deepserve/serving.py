@@ -25,6 +25,7 @@ from deepserve.engine.types import (
     FinishReason, GenerateRequest, SamplingParams, TextPrompt, TokenDelta, TokenLogprob, ToolCall, next_request_id,
 )
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
+from deepserve.observability.requests import observe_streams
 from deepserve.templates.chat import ChatTemplate
 
 
@@ -357,4 +358,5 @@ async def metered_generate_many(
         if charge is not None:
             await charge.release()
         raise
+    streams = observe_streams(request, model.model_id, prompts, n, streams)  # metrics + request log (observability)
     return charge.wrap(streams) if charge is not None else streams

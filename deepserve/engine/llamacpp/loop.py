@@ -158,11 +158,17 @@ class LlamaCppEngine:
         with self._lock:
             num_queued = self._num_queued
         c = self.counters
+        # Read from the HTTP thread while the engine thread works: copies and len() only, no iteration of
+        # structures it mutates. KV use counts the cells of running sequences (what a new request cannot
+        # have); cached counts every cell a slot holds, idle prompt-cache entries included.
+        running = list(self.scheduler.running)
+        kv_used = sum(seq.num_computed for seq in running)
+        kv_cached = sum(len(slot.cached_tokens) for slot in self.scheduler.slots)
         return {
             "model": self.model_id,
             "parallel": self.parallel,
             "ctx_size": self.ctx_size,
-            "num_running": len(self.scheduler.running),
+            "num_running": len(running),
             "num_waiting": num_queued,
             "num_steps": c.num_steps,
             "max_seqs_in_step": c.max_seqs_in_step,
@@ -171,6 +177,9 @@ class LlamaCppEngine:
             "num_cached_prompt_tokens": c.num_cached_prompt_tokens,
             "num_generated_tokens": c.num_generated_tokens,
             "num_decode_errors": c.num_decode_errors,
+            "kv_capacity_tokens": self.ctx_size * self.parallel,
+            "kv_used_tokens": kv_used,
+            "kv_cached_tokens": kv_cached,
         }
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ from deepserve.engine.types import GenerateRequest, TextPrompt, TokenDelta
 from deepserve.errors import (
     DeepserveError, EngineError, InvalidRequestError, PayloadTooLargeError, QueueFullError, ServiceUnavailableError,
 )
+from deepserve.observability.metrics import set_upstream_health
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,12 @@ class RemoteEngine:
         if ok != state.healthy:
             log.warning("upstream %s of %s is %s", state.name, self.model_id, "healthy again" if ok else "unhealthy")
         self.router.record_health(state, ok)
+        self._export_health(state)
         return ok
+
+    def _export_health(self, state: UpstreamState) -> None:
+        """deepserve_upstream_up{model, upstream}: 1 while the router would send it requests."""
+        set_upstream_health(self.model_id, self.spec.upstreams[state.index].url, state.available(self.router.now()))
 
     @property
     def is_ready(self) -> bool:
@@ -187,6 +193,7 @@ class RemoteEngine:
                     if payload == "[DONE]":
                         final = translator.done()
                         self.router.succeeded(state)
+                        self._export_health(state)
                         yield final
                         return
                     delta = translator.feed(payload)
@@ -202,6 +209,7 @@ class RemoteEngine:
                 all_busy = all_busy and busy
                 if not busy:
                     self.router.failed(state)
+                    self._export_health(state)
                 reason = _describe(exc)
                 if translator.delivered_output:  # too late to fail over: end with an error, never truncate
                     self.num_broken_streams += 1

@@ -94,6 +94,9 @@ class Router:
     def ended(self, upstream: UpstreamState) -> None:
         upstream.outstanding -= 1
 
+    def now(self) -> float:
+        return self._clock()
+
     def succeeded(self, upstream: UpstreamState) -> None:
         upstream.consecutive_failures = 0
         upstream.ejected_until = 0.0

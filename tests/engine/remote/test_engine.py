@@ -184,3 +184,18 @@ def test_the_upstream_key_is_sent_and_never_shown():
     asyncio.run(drain(e, chat(e)))
     assert seen == ["Bearer sk-up-secret"]
     assert "sk-up-secret" not in repr(e.spec) and "sk-up-secret" not in json.dumps(e.stats())
+
+
+def test_upstream_health_is_exported_as_a_prometheus_gauge():
+    from deepserve.observability.metrics import REGISTRY
+
+    ups = Upstreams({"a": httpx.ConnectError("refused"), "b": GOOD})
+    e = engine(ups, ["a", "b"], eject_after=1)
+    e.model_id = "remote-gauge"  # its own series, whatever other tests exported
+    asyncio.run(drain(e, chat(e)))
+
+    def up(host: str) -> float | None:
+        return REGISTRY.get_sample_value("deepserve_upstream_up",
+                                         {"model": "remote-gauge", "upstream": f"http://{host}:8000/v1"})
+
+    assert (up("a"), up("b")) == (0.0, 1.0)  # a: ejected after its one failure; b: answered

@@ -1,0 +1,286 @@
+"""One HTTP request as the operator sees it: the record the middleware opens and the serving hook fills.
+
+`RequestObserver` (ASGI, outermost) opens a `RequestRecord` per request, puts it in the request's state,
+and when the response is complete records the request metrics and writes one log line. The serving hook
+`observe_streams()` (called once, by `deepserve.serving.metered_generate_many`) wraps the generation streams:
+it names the model, times the first token and the gaps between tokens, and counts tokens the way usage
+counts them (a prompt once for its n choices; what was computed when a stream ends early).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deepserve.engine.types import TokenDelta
+from deepserve.observability import metrics
+
+request_log = logging.getLogger("deepserve.requests")
+
+STATE_KEY = "observation"
+# Probes and scrapes: not counted as requests, not logged (they would drown the real traffic).
+QUIET_PATHS = frozenset({"/metrics", "/v1/metrics", "/health", "/v1/health/live", "/v1/health/ready"})
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PROMPT_LOG_LIMIT = 64 * 1024  # characters of prompt a log line may carry when prompt logging is on
+CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"
+
+
+def dialect_of(path: str) -> str:
+    """Which API a path belongs to (a bounded label)."""
+    from deepserve.api.segmind.routes import is_slug_path
+
+    if path.startswith("/client/v4/"):
+        return "workers_ai"
+    if path == "/api/v1":
+        return "dataoorts"
+    if is_slug_path(path):
+        return "segmind"
+    if path.startswith("/admin/") or path == "/admin":
+        return "admin"
+    if path in ("/docs", "/redoc", "/openapi.json") or path.startswith("/docs/"):
+        return "other"
+    return "openai"
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    dialect: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None  # set once the request reaches generation
+    status: int | None = None
+    first_token_at: float | None = None
+    num_prompt: int = 0
+    num_cached: int = 0
+    num_completion: int = 0
+    num_reasoning: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    prompt: Any = None  # only when prompt logging is on
+
+    def elapsed(self, now: float | None = None) -> float:
+        return (now if now is not None else time.perf_counter()) - self.started
+
+
+def record_of(request: Any) -> RequestRecord | None:
+    state = getattr(request, "scope", {}).get("state")
+    return state.get(STATE_KEY) if isinstance(state, dict) else None
+
+
+class _Choice:
+    __slots__ = ("last_token_at", "num_delivered", "final")
+
+    def __init__(self) -> None:
+        self.last_token_at: float | None = None
+        self.num_delivered = 0
+        self.final: TokenDelta | None = None
+
+
+class ObservedStream:
+    """A generation stream (n choices of one prompt) that reports timing and tokens to the request's record.
+
+    A class, not an async generator: closing one that never started still closes the stream inside it."""
+
+    __slots__ = ("_inner", "_record", "_num_prompt", "_choices", "_closed", "_itl")
+
+    def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]], record: RequestRecord, num_prompt: int, n: int):
+        self._inner = inner
+        self._record = record
+        self._num_prompt = num_prompt
+        self._choices = [_Choice() for _ in range(n)]
+        self._closed = False
+        self._itl = metrics.INTER_TOKEN_LATENCY.labels(record.model, record.dialect)  # looked up once, used per token
+
+    def __aiter__(self) -> ObservedStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenDelta]:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            index, delta = await self._inner.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+        self._observe(index, delta)
+        return index, delta
+
+    def _observe(self, index: int, delta: TokenDelta) -> None:
+        record = self._record
+        choice = self._choices[index]
+        num_tokens = len(delta.token_ids)
+        if num_tokens:
+            now = time.perf_counter()
+            if record.first_token_at is None:
+                record.first_token_at = now
+                metrics.TIME_TO_FIRST_TOKEN.labels(record.model, record.dialect).observe(record.elapsed(now))
+            elif choice.last_token_at is not None:  # a choice's first token is no inter-token gap
+                gap = (now - choice.last_token_at) / num_tokens  # a delta may carry several tokens (remote)
+                for _ in range(num_tokens):
+                    self._itl.observe(gap)
+            choice.last_token_at = now
+            choice.num_delivered += num_tokens
+        if delta.finish_reason is not None:
+            choice.final = delta
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._account()
+
+    def _account(self) -> None:
+        """Tokens as usage counts them: the engine's final counts, else the prompt and what was delivered."""
+        record = self._record
+        labels = (record.model, record.dialect)
+        finals = [c.final for c in self._choices if c.final is not None]
+        num_prompt = finals[0].num_prompt_tokens if finals else self._num_prompt
+        num_cached = max((f.num_cached_tokens for f in finals), default=0)
+        num_completion = sum(c.final.num_generated_tokens if c.final else c.num_delivered for c in self._choices)
+        num_reasoning = sum(f.num_reasoning_tokens for f in finals)
+        record.num_prompt += num_prompt
+        record.num_cached += num_cached
+        record.num_completion += num_completion
+        record.num_reasoning += num_reasoning
+        metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
+        metrics.CACHED_PROMPT_TOKENS.labels(*labels).inc(num_cached)
+        metrics.GENERATION_TOKENS.labels(*labels).inc(num_completion)
+        metrics.REASONING_TOKENS.labels(*labels).inc(num_reasoning)
+        for choice in self._choices:
+            reason = choice.final.finish_reason.value if choice.final and choice.final.finish_reason else "abort"
+            record.finish_reasons.append(reason)
+            metrics.CHOICES_FINISHED.labels(*labels, reason).inc()
+
+
+def observe_streams(request: Any, model_id: str, prompts: list[list[int]], n: int,
+                    streams: list[AsyncIterator[tuple[int, TokenDelta]]]) -> list[AsyncIterator[tuple[int, TokenDelta]]]:
+    """The serving hook: wrap a request's generation streams (one per prompt) so they report to its record.
+    Without a record (the app runs without the observer) the streams pass through unchanged."""
+    record = record_of(request)
+    if record is None:
+        return streams
+    record.model = model_id
+    return [ObservedStream(stream, record, len(tokens), n) for stream, tokens in zip(streams, prompts)]
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-Id when it is a plain token, else a fresh one (it is echoed in the response)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _CLIENT_REQUEST_ID.fullmatch(text):
+                return text
+    return "req_" + secrets.token_hex(12)
+
+
+def _prompt_of(body: bytes) -> Any:
+    """The prompt fields of a request body (every dialect's): messages, prompt, Dataoorts' data.messages."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    data = parsed.get("data") if isinstance(parsed.get("data"), dict) else {}
+    prompt = {k: v for k, v in (("messages", parsed.get("messages") or data.get("messages")),
+                                ("prompt", parsed.get("prompt"))) if v is not None}
+    if not prompt:
+        return None
+    text = json.dumps(prompt, ensure_ascii=False)
+    return prompt if len(text) <= PROMPT_LOG_LIMIT else {"truncated": text[:PROMPT_LOG_LIMIT]}
+
+
+class RequestObserver:
+    """Outermost ASGI middleware: request id, in-flight gauge, request metrics, one log line per request."""
+
+    def __init__(self, app: ASGIApp, *, log_prompts: bool = False):
+        self.app = app
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in QUIET_PATHS:
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(_request_id(scope), scope["method"], scope["path"], dialect_of(scope["path"]))
+        scope.setdefault("state", {})[STATE_KEY] = record
+        body = bytearray()
+
+        async def observed_receive() -> Message:
+            message = await receive()
+            if self.log_prompts and message["type"] == "http.request" and len(body) <= 4 * PROMPT_LOG_LIMIT:
+                body.extend(message.get("body", b""))
+            return message
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", record.request_id.encode())]}
+            await send(message)
+
+        metrics.IN_FLIGHT.inc()
+        failed = False
+        try:
+            await self.app(scope, observed_receive if self.log_prompts else receive, observed_send)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            metrics.IN_FLIGHT.dec()
+            if self.log_prompts and body:
+                record.prompt = _prompt_of(bytes(body))
+            finish(record, scope, failed=failed)
+
+
+def finish(record: RequestRecord, scope: Scope, *, failed: bool = False) -> None:
+    """The request is over: request metrics and its log line."""
+    duration = record.elapsed()
+    status = record.status or (500 if failed else CLIENT_CLOSED)
+    model = record.model or ""
+    metrics.REQUESTS.labels(model, record.dialect, str(status)).inc()
+    if record.model is not None:
+        metrics.REQUEST_DURATION.labels(model, record.dialect).observe(duration)
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "method": record.method,
+        "path": record.path,  # scope["path"] has no query string: nothing a client put there is logged
+        "dialect": record.dialect,
+        "model": record.model,
+        "status": status,
+        "latency_ms": round(duration * 1000, 1),
+    }
+    if record.model is not None:
+        fields.update(
+            ttft_ms=round((record.first_token_at - record.started) * 1000, 1) if record.first_token_at else None,
+            prompt_tokens=record.num_prompt, cached_tokens=record.num_cached,
+            completion_tokens=record.num_completion, reasoning_tokens=record.num_reasoning,
+            finish_reason=_finish_reason(record.finish_reasons),
+        )
+    principal = scope.get("state", {}).get("principal")
+    if principal is not None and getattr(principal, "key_id", None) is not None:
+        fields.update(key_id=principal.key_id, account_id=principal.account_id)  # database ids, never the key
+    if record.prompt is not None:
+        fields["prompt"] = record.prompt
+    request_log.info("request", extra={"fields": fields})
+
+
+def _finish_reason(reasons: list[str]) -> str | None:
+    """One reason for the log line: the only one, or the choices' reasons joined (n > 1, in choice order)."""
+    if not reasons:
+        return None
+    unique = list(dict.fromkeys(reasons))
+    return unique[0] if len(unique) == 1 else ",".join(reasons)
