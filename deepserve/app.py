@@ -44,10 +44,10 @@ def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> Serv
     engine = LlamaCppEngine(
         plan.path,
         plan.model_id,
-        ctx_size=settings.ctx_size,
+        ctx_size=plan.ctx_size or settings.ctx_size,
         parallel=settings.parallel,
         batch_size=settings.batch_size,
-        threads=settings.threads,
+        threads=plan.threads or settings.threads,
         max_queue=settings.max_queue,
         kv_unified=settings.kv_unified,
         poll=settings.poll,
@@ -74,8 +74,13 @@ def load_served_models(settings: Settings, registry: ModelRegistry) -> None:
     plans = plan_models(settings, catalog, registry.local or LocalRegistry(settings.data_dir))
     try:
         for plan in plans:
-            registry.add(load_served_model(settings, plan))
-            log.info("serving %s from %s", plan.model_id, plan.path)
+            served = load_served_model(settings, plan)
+            registry.add(served)
+            log.info("serving %s from %s (%d threads, context %d)", plan.model_id, plan.path,
+                     served.engine.stats().get("threads", 0), served.ctx_size)
+            if served.ctx_size < settings.ctx_size:
+                log.warning("%s: context is %d tokens, not --ctx-size %d: the model's window is no larger",
+                            plan.model_id, served.ctx_size, settings.ctx_size)
     except BaseException:
         registry.close()  # engines already started must not outlive a failed start
         raise
