@@ -113,7 +113,8 @@ def test_a_size_the_catalog_does_not_expect_is_refused_before_downloading(hub, r
     content = b"GGUF" + os.urandom(512)
     hub.add("t/tiny-GGUF", "tiny.gguf", content)
     entry = _tiny_catalog(tmp_path, sha256=hashlib.sha256(content).hexdigest(), size_bytes=len(content) + 1)
-    with pytest.raises(PullError, match=f"is {len(content)} bytes on the Hub but the catalog expects {len(content) + 1}"):
+    expected = f"is {len(content)} bytes on the Hub but the catalog expects {len(content) + 1}"
+    with pytest.raises(PullError, match=expected):
         pull(entry, registry, endpoint=hub.endpoint)
     assert hub.gets() == [] and registry.get("t/tiny") is None
 
@@ -158,7 +159,8 @@ def test_remove_keeps_other_downloads_of_the_same_repository(hub, registry):
     _, deleted = remove(registry, default_catalog(), CODER, delete_files=True)
     assert Path(q8.path) in deleted and not Path(q8.path).exists()
     repo_dir = registry.models_dir / entry.source().repo
-    assert Path(q4.path).is_file() and (repo_dir / ".cache/huggingface/download" / f"{Path(q4.path).name}.metadata").is_file()
+    assert Path(q4.path).is_file()
+    assert (repo_dir / ".cache/huggingface/download" / f"{Path(q4.path).name}.metadata").is_file()
 
 
 def test_remove_never_deletes_a_file_registered_with_add(registry, tmp_path):
