@@ -8,6 +8,7 @@
   raw (inline, byte for byte what the model wrote, after the prompt's opening tag) or hidden (dropped).
 - `budget_for()` maps `reasoning_effort` / `max_reasoning_tokens` to a token budget (EFFORT_BUDGETS).
 - `strip_reasoning_history()` removes earlier reasoning from a conversation before it is templated.
+- `open_reasoning()` opens the block at the end of an R1 prompt whose template does not (older GGUFs).
 
 The engine (deepserve/engine/llamacpp/loop.py) runs one parser per sequence, feeds it every token's text,
 counts reasoning tokens, and closes the block itself when the budget is spent.
@@ -216,6 +217,24 @@ def prompt_reasoning_prefix(prompt_tail: str) -> str | None:
     if CLOSE_TAG in after or "<|" in after or "<｜" in after:
         return None
     return prompt_tail[at:]
+
+
+# DeepSeek-R1's generation prompt. Templates older than DeepSeek's revision (e.g. most R1-distill GGUFs of
+# January 2025) end the prompt here; the revised one adds "<think>\n".
+R1_ASSISTANT = "<｜Assistant｜>"
+
+
+def open_reasoning(prompt: str) -> str:
+    """The prompt of a reasoning model, ending inside `<think>` as DeepSeek advises ("enforce the model to
+    initiate its response with <think>\n"): an R1 prompt that ends at the assistant marker gets "<think>\n".
+
+    Without it the model writes the tag itself, and what needs the block open from the first output token
+    breaks: a grammar on the answer would apply from that token and forbid the reasoning, and the output
+    would not have seed 004's shape. Any other prompt (one the template opened already, one that ends after
+    tool outputs, another family's) is left as it is."""
+    if prompt.endswith(R1_ASSISTANT):
+        return prompt + OPEN_TAG + "\n"
+    return prompt
 
 
 _THINK_BLOCK = re.compile(re.escape(OPEN_TAG) + r".*?" + re.escape(CLOSE_TAG), re.DOTALL)

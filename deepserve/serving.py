@@ -40,9 +40,11 @@ class ServedModel:
         return self.engine.ctx_size
 
     def chat_prompt_tokens(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int]:
-        from deepserve.reasoning import strip_reasoning_history  # earlier reasoning never goes back in
+        from deepserve.reasoning import open_reasoning, strip_reasoning_history  # earlier reasoning never goes back in
 
         text = self.template.render(strip_reasoning_history(messages), add_generation_prompt=True, **template_kwargs)
+        if self.catalog is not None and self.catalog.reasoning:
+            text = open_reasoning(text)  # an older R1 template leaves the <think> block to the model
         # The template writes BOS itself when the model wants one; never add a second.
         return self.engine.tokenize(text, add_special=False, parse_special=True)
 

@@ -5,7 +5,7 @@ import openai
 import pytest
 
 from tests.server import RunningServer, start_server
-from tests.tiny_gguf import SPECS, build_tiny_gguf
+from tests.tiny_gguf import SPECS, build_tiny_gguf, old_r1_template
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,15 +20,20 @@ def isolated_data_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Tiny random-weight GGUF files, one per DeepSeek architecture (tests/tiny_gguf.py): family -> path."""
+    """Tiny random-weight GGUF files, one per DeepSeek architecture (tests/tiny_gguf.py): family -> path; and
+    "deepseek-r1-distill-qwen-old-template", whose template leaves `<think>` to the model (pre-revision R1)."""
     folder = tmp_path_factory.mktemp("tiny-gguf")
-    return {family: str(build_tiny_gguf(folder / f"{family}.gguf", family)) for family in SPECS}
+    paths = {family: str(build_tiny_gguf(folder / f"{family}.gguf", family)) for family in SPECS}
+    old = "deepseek-r1-distill-qwen-old-template"
+    paths[old] = str(build_tiny_gguf(folder / f"{old}.gguf", "deepseek-r1-distill-qwen", chat_template=old_r1_template()))
+    return paths
 
 
 @pytest.fixture(scope="session")
 def server() -> RunningServer:
-    """One real server on the bundled model, shared by the tests that do not need their own settings."""
-    running = start_server("--parallel", "8", "--ctx-size", "1024")
+    """One real server on the bundled model, shared by the tests that do not need their own settings.
+    No --threads: llama.cpp's thread count is the one `make run` gets (a default once crashed decode)."""
+    running = start_server("--parallel", "8", "--ctx-size", "1024", threads=None)
     yield running
     running.stop()
 

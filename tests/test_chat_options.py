@@ -124,3 +124,20 @@ def test_earlier_reasoning_never_reaches_the_template():
     prepare_chat(r1, history, ChatOptions())
     rendered = r1.engine.rendered[-1]
     assert "secret" not in rendered and "<|im_start|>assistant\nHello!<|im_end|>" in rendered
+
+
+def test_an_older_r1_template_gets_the_think_block_opened_for_reasoning_models_only():
+    from tests.tiny_gguf import old_r1_template
+
+    def rendered(catalog_name: str | None, messages=MESSAGES) -> str:
+        entry = default_catalog().get(catalog_name) if catalog_name else None
+        model = ServedModel(model_id="m", engine=_Engine(), template=ChatTemplate(old_r1_template()), catalog=entry)
+        prepare_chat(model, messages, ChatOptions())
+        return model.engine.rendered[-1]
+
+    assert rendered("deepseek-r1-32b").endswith("<｜Assistant｜><think>\n")
+    assert rendered(None).endswith("<｜Assistant｜>")  # not known to reason: the prompt is the template's
+    after_tool = [*MESSAGES, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "4"}]
+    assert rendered("deepseek-r1-32b", after_tool).endswith("<｜tool▁outputs▁end｜>")

@@ -93,7 +93,7 @@ def test_pull_from_the_hub_then_serve_every_registered_model(tmp_path, tiny_gguf
     assert cli("models", "add", "deepseek-r1-32b", "--gguf", tiny_ggufs["deepseek-r1-distill-qwen"],
                "--data-dir", str(data))[0] == 0
 
-    running = start_server("--parallel", "2", "--ctx-size", "512", "--threads", "1",
+    running = start_server("--parallel", "2", "--ctx-size", "512", threads=1,
                            env={"DEEPSERVE_DATA_DIR": str(data)})
     try:
         assert running.model == f"SmolLM2-135M-Instruct,{CODER},{R1_32B}"

@@ -15,6 +15,7 @@ from deepserve.reasoning import (
     ReasoningShaper,
     ThinkParser,
     budget_for,
+    open_reasoning,
     prompt_reasoning_prefix,
     strip_reasoning,
     strip_reasoning_history,
@@ -166,3 +167,12 @@ def test_history_hygiene():
     assert cleaned[5] == messages[5]
     assert messages[1]["reasoning_content"] == "x"  # the caller's messages are not modified
     assert strip_reasoning("<think>a</think>b<think>c</think>d") == "bd"
+
+
+def test_open_reasoning_only_where_an_r1_prompt_leaves_the_tag_to_the_model():
+    assert open_reasoning("<｜User｜>Hi<｜Assistant｜>") == "<｜User｜>Hi<｜Assistant｜><think>\n"
+    assert prompt_reasoning_prefix(open_reasoning("<｜User｜>Hi<｜Assistant｜>")) == "<think>\n"
+    for prompt in ("<｜User｜>Hi<｜Assistant｜><think>\n",  # the revised template opened it already
+                   "<｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>",  # after tool outputs
+                   "<|im_start|>assistant\n"):  # another family
+        assert open_reasoning(prompt) == prompt

@@ -32,6 +32,15 @@ _CORPUS = (
 ) * 4
 
 
+def old_r1_template() -> str:
+    """DeepSeek-R1's template before DeepSeek's revision (as most R1-distill GGUFs of January 2025 carry it):
+    the generation prompt ends at `<｜Assistant｜>`, leaving the `<think>` tag to the model."""
+    revised = builtin_template("deepseek-r1")
+    old = revised.replace("'<｜Assistant｜><think>\\n'", "'<｜Assistant｜>'")
+    assert old != revised
+    return old
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """One family: architecture, tokenizer flavour, special tokens and template."""
@@ -238,8 +247,10 @@ def _deepseek2(writer: gguf.GGUFWriter, w: _Weights, n_vocab: int) -> None:
             w.add(T.FFN_DOWN_SHEXP, (_N_EMBD, n_ff_exp * n_shared), i)
 
 
-def build_tiny_gguf(path: str | Path, family: str, *, seed: int = 0, num_merges: int = 160) -> Path:
-    """Write the tiny model of `family` (a key of SPECS) to `path` and return the path."""
+def build_tiny_gguf(path: str | Path, family: str, *, seed: int = 0, num_merges: int = 160,
+                    chat_template: str | None = None) -> Path:
+    """Write the tiny model of `family` (a key of SPECS) to `path` and return the path. `chat_template`
+    replaces the family's built-in template as the one the file carries."""
     spec = SPECS[family]
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), spec.architecture)
@@ -264,7 +275,9 @@ def build_tiny_gguf(path: str | Path, family: str, *, seed: int = 0, num_merges:
     writer.add_eos_token_id(tokens.index(spec.eos))
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    if spec.template:
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    elif spec.template:
         writer.add_chat_template(builtin_template(spec.template))
 
     weights = _Weights(writer, seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -21,6 +22,8 @@ MESSAGES = [{"role": "user", "content": "What is two plus two?"}]
 BUDGET = 4
 MAX_TOKENS = 14
 GREEDY = {"temperature": 0, "max_tokens": MAX_TOKENS, "max_reasoning_tokens": BUDGET}
+SMALL_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+                "required": ["ok", "n"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +180,7 @@ def test_workers_ai_raw_prompt_without_reasoning(http):
     assert "reasoning_content" not in result
 
 
-@pytest.mark.parametrize("fmt", ["deepseek", "raw"])
+@pytest.mark.parametrize("fmt", ["deepseek", "raw", "hidden"])
 def test_dataoorts(http, reference, fmt):
     ref = reference[fmt]
     body = http.post("/api/v1", json={"model": MODEL, "data": {"messages": MESSAGES, **GREEDY,
@@ -189,7 +192,7 @@ def test_dataoorts(http, reference, fmt):
     assert result["usage"]["completion_tokens_details"] == {"reasoning_tokens": BUDGET}
 
 
-@pytest.mark.parametrize("fmt", ["deepseek", "hidden"])
+@pytest.mark.parametrize("fmt", ["deepseek", "raw", "hidden"])
 def test_segmind(r1_server, reference, fmt):
     ref = reference[fmt]
     with httpx.Client(base_url=r1_server.root_url, headers={"x-api-key": r1_server.api_key}, timeout=120) as segmind:
@@ -205,3 +208,173 @@ def test_segmind(r1_server, reference, fmt):
     streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content", "") for c in chunks if c.choices)
     assert streamed == (message.get("reasoning_content") or "")
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == message["content"]
+
+
+def segmind_client(r1_server) -> httpx.Client:
+    return httpx.Client(base_url=r1_server.root_url, headers={"x-api-key": r1_server.api_key}, timeout=120)
+
+
+@pytest.mark.parametrize("fmt", ["deepseek", "raw", "hidden"])
+def test_max_tokens_spent_thinking_in_every_dialect(r1_server, http, reference, fmt):
+    """max_tokens = BUDGET and no budget: greedy decoding writes the reference's BUDGET reasoning tokens and is cut
+    there. Every dialect answers no content (raw: the unclosed block), the reasoning counted, never an answer."""
+    ref_reasoning = message_extra(reference["deepseek"], "reasoning_content")
+    body = {"messages": MESSAGES, "temperature": 0, "max_tokens": BUDGET, "reasoning_format": fmt}
+
+    def check_answer(answer: str, reasoning: str | None, usage: dict) -> None:
+        if fmt == "raw":
+            assert answer.startswith("<think>\n") and "</think>" not in answer
+            assert answer.removeprefix("<think>\n").strip() == ref_reasoning
+        else:
+            assert answer == ""
+        assert reasoning == (ref_reasoning if fmt == "deepseek" else None)
+        assert usage["completion_tokens"] == usage["completion_tokens_details"]["reasoning_tokens"] == BUDGET
+
+    r = http.post("/v1/chat/completions", json={**body, "model": MODEL}).json()
+    assert r["choices"][0]["finish_reason"] == "length"
+    check_answer(r["choices"][0]["message"]["content"], r["choices"][0]["message"].get("reasoning_content"), r["usage"])
+    result = http.post(f"/client/v4/accounts/acc/ai/run/{MODEL}", json=body).json()["result"]
+    check_answer(result["response"], result.get("reasoning_content"), result["usage"])
+    result = http.post("/api/v1", json={"model": MODEL, "data": body}).json()["result"]
+    check_answer(result["response"], result.get("reasoning_content"), result["usage"])
+    with segmind_client(r1_server) as segmind:
+        r = segmind.post("/v1/deepseek-reasoner", json=body).json()
+    assert r["choices"][0]["finish_reason"] == "length"
+    check_answer(r["choices"][0]["message"]["content"], r["choices"][0]["message"].get("reasoning_content"), r["usage"])
+
+
+def test_json_schema_after_the_reasoning_in_every_dialect(r1_server, oai, http):
+    """The grammar waits for `</think>`: the model reasons freely (BUDGET tokens, then the engine closes the block),
+    then answers JSON that parses and validates. Greedy decoding: every dialect gives the same answer."""
+    openai_format = {"type": "json_schema", "json_schema": {"name": "small", "strict": True, "schema": SMALL_SCHEMA}}
+    body = {"messages": MESSAGES, "temperature": 0, "max_tokens": 80, "max_reasoning_tokens": BUDGET,
+            "reasoning_format": "deepseek"}
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=80,
+                                    response_format=openai_format,
+                                    extra_body={"max_reasoning_tokens": BUDGET, "reasoning_format": "deepseek"})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and r.usage.completion_tokens_details.reasoning_tokens == BUDGET
+    reasoning, answer = message_extra(r, "reasoning_content"), choice.message.content
+    assert reasoning and not reasoning.lstrip().startswith("{")  # the reasoning was free noise, not JSON
+    jsonschema.validate(json.loads(answer), SMALL_SCHEMA)
+
+    # Workers AI with Cloudflare's shape of response_format (the schema right under json_schema)
+    result = http.post(f"/client/v4/accounts/acc/ai/run/{MODEL}", json={
+        **body, "response_format": {"type": "json_schema", "json_schema": SMALL_SCHEMA}}).json()["result"]
+    assert (result["response"], result["reasoning_content"]) == (answer, reasoning)
+    assert result["usage"]["completion_tokens_details"] == {"reasoning_tokens": BUDGET}
+    result = http.post("/api/v1", json={"model": MODEL, "data": {**body, "response_format": openai_format}}).json()["result"]
+    assert (result["response"], result["reasoning_content"]) == (answer, reasoning)
+    with segmind_client(r1_server) as segmind:
+        message = segmind.post("/v1/deepseek-reasoner", json={**body, "response_format": openai_format}).json()[
+            "choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == (answer, reasoning)
+
+
+def test_an_unsupported_schema_is_a_400_naming_it_in_every_dialect(r1_server, oai, http):
+    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
+    openai_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    named = "#/properties/age: the JSON schema keyword 'minimum' is not supported"
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, response_format=openai_format)
+    assert named in info.value.body["message"] and info.value.body["param"] == "response_format"
+    r = http.post(f"/client/v4/accounts/acc/ai/run/{MODEL}", json={
+        "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": schema}})
+    assert r.status_code == 400 and r.json()["success"] is False
+    (error,) = r.json()["errors"]
+    assert error["code"] == 5004 and "#/properties/age" in error["message"] and "'minimum'" in error["message"]
+    r = http.post("/api/v1", json={"model": MODEL, "data": {"messages": MESSAGES, "response_format": openai_format}})
+    assert r.status_code == 400 and r.json()["success"] is False and named in r.json()["errors"][0]
+    with segmind_client(r1_server) as segmind:
+        r = segmind.post("/v1/deepseek-reasoner", json={"messages": MESSAGES, "response_format": openai_format})
+    assert r.status_code == 400 and named in r.json()["error"]
+
+
+def test_earlier_reasoning_is_dropped_in_the_other_dialects_too(r1_server, http):
+    def prompt_tokens(assistant: str) -> list[int]:
+        messages = [*MESSAGES, {"role": "assistant", "content": assistant}, {"role": "user", "content": "And 3+3?"}]
+        body = {"messages": messages, "max_tokens": 1}
+        with segmind_client(r1_server) as segmind:
+            segmind_usage = segmind.post("/v1/deepseek-reasoner", json=body).json()["usage"]
+        return [http.post(f"/client/v4/accounts/acc/ai/run/{MODEL}", json=body).json()["result"]["usage"]["prompt_tokens"],
+                http.post("/api/v1", json={"model": MODEL, "data": body}).json()["result"]["usage"]["prompt_tokens"],
+                segmind_usage["prompt_tokens"]]
+
+    plain = prompt_tokens("Four.")
+    assert prompt_tokens("<think>\nLong thoughts here, many of them.\n</think>\n\nFour.") == plain
+    assert prompt_tokens("Long thoughts here, many of them.\n</think>\n\nFour.") == plain  # R1 opened it itself
+
+
+@pytest.fixture(scope="module")
+def old_template_server(tiny_ggufs) -> RunningServer:
+    """deepseek-r1-32b whose GGUF carries R1's template from before DeepSeek's revision: its prompt ends at
+    `<｜Assistant｜>`, and deepserve opens the `<think>` block itself (reasoning.open_reasoning)."""
+    running = start_server("--model-path", tiny_ggufs["deepseek-r1-distill-qwen-old-template"], "--model-id", MODEL,
+                           "--parallel", "1", "--ctx-size", "256", "--threads", "1")
+    yield running
+    running.stop()
+
+
+def test_an_older_r1_template_still_reasons_takes_budgets_and_grammars(old_template_server):
+    oai = openai.OpenAI(base_url=old_template_server.base_url, api_key=old_template_server.api_key, max_retries=0)
+    raw = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
+                                      extra_body={"max_reasoning_tokens": BUDGET})  # the catalog's raw style
+    content = raw.choices[0].message.content
+    assert content.startswith("<think>\n") and content.count("</think>") == 1  # seed 004's shape
+    assert raw.usage.completion_tokens_details.reasoning_tokens == BUDGET
+    r = oai.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "small", "schema": SMALL_SCHEMA}},
+        extra_body={"max_reasoning_tokens": BUDGET, "reasoning_format": "deepseek"})
+    assert r.usage.completion_tokens_details.reasoning_tokens == BUDGET and message_extra(r, "reasoning_content")
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), SMALL_SCHEMA)
+
+
+def test_stop_strings_apply_to_the_answer_only(oai, reference):
+    ref = reference["deepseek"]
+    reasoning, answer = message_extra(ref, "reasoning_content"), ref.choices[0].message.content
+    stop = reasoning[:3]  # text the model thinks before it answers
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS, stop=[stop],
+                                    extra_body={"max_reasoning_tokens": BUDGET, "reasoning_format": "deepseek"})
+    assert message_extra(r, "reasoning_content") == reasoning  # the reasoning went on past the stop string
+    assert r.choices[0].message.content == answer.split(stop)[0]
+    assert r.choices[0].finish_reason == ("stop" if stop in answer else ref.choices[0].finish_reason)
+
+
+def test_n_choices_stream_their_reasoning_apart(oai, reference):
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS, n=2, stream=True,
+        extra_body={"max_reasoning_tokens": BUDGET, "reasoning_format": "deepseek"}))
+    reasoning, content = ["", ""], ["", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            reasoning[choice.index] += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            content[choice.index] += choice.delta.content or ""
+    ref = reference["deepseek"]
+    assert reasoning == [message_extra(ref, "reasoning_content")] * 2  # greedy: both choices think alike
+    assert content == [ref.choices[0].message.content] * 2
+
+
+def test_the_catalog_max_tokens_default_and_limit_hold_in_every_dialect(r1_server, oai, http):
+    """deepseek-r1-32b (seed 004): 100 tokens when max_tokens is omitted, at most 32,768 when it is given."""
+    forced = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
+                                         extra_body={"ignore_eos": True, "max_reasoning_tokens": BUDGET})
+    assert forced.usage.completion_tokens == 100 and forced.choices[0].finish_reason == "length"
+    # greedy without ignore_eos: every dialect stops where OpenAI does (at 100 unless the model ended first)
+    body = {"messages": MESSAGES, "temperature": 0, "max_reasoning_tokens": BUDGET}
+    reference = http.post("/v1/chat/completions", json={**body, "model": MODEL}).json()["usage"]["completion_tokens"]
+    assert reference <= 100
+    with segmind_client(r1_server) as segmind:
+        assert segmind.post("/v1/deepseek-reasoner", json=body).json()["usage"]["completion_tokens"] == reference
+        too_many = segmind.post("/v1/deepseek-reasoner", json={**body, "max_tokens": 40000})
+        assert too_many.status_code == 400 and "at most 32768" in too_many.json()["error"]
+    run = f"/client/v4/accounts/acc/ai/run/{MODEL}"
+    assert http.post(run, json=body).json()["result"]["usage"]["completion_tokens"] == reference  # not Cloudflare's 256
+    assert http.post("/api/v1", json={"model": MODEL, "data": body}).json()["result"]["usage"]["completion_tokens"] == reference
+    r = http.post(run, json={**body, "max_tokens": 40000})
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == 5004 and "at most 32768" in r.json()["errors"][0]["message"]
+    r = http.post("/api/v1", json={"model": MODEL, "data": {**body, "max_tokens": 40000}})
+    assert r.status_code == 400 and "at most 32768" in r.json()["errors"][0]
+    with pytest.raises(openai.BadRequestError, match="at most 32768"):
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40000)

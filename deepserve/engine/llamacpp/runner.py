@@ -136,19 +136,20 @@ class LlamaRunner:
         ctx_params.n_ubatch = batch_size
         ctx_params.n_seq_max = num_seqs
         ctx_params.kv_unified = kv_unified
-        threads = num_threads or 0
-        if threads > 0:
-            ctx_params.n_threads = threads
-            ctx_params.n_threads_batch = threads
+        # Always set: the context's default (GGML_DEFAULT_N_THREADS = 4) must never exceed the threadpool
+        # attached below, or ggml indexes workers that do not exist and llama_decode segfaults.
+        threads = num_threads or os.cpu_count() or 1
+        ctx_params.n_threads = threads
+        ctx_params.n_threads_batch = threads
         ctx_params.no_perf = True
         self._ctx = llama.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             llama.llama_model_free(self._model)
             raise RuntimeError("could not create a llama.cpp context (out of memory?)")
         self._threadpool = None
-        self.num_threads = threads or os.cpu_count() or 1
+        self.num_threads = threads
         if poll is not None:
-            self._threadpool = _new_threadpool(self.num_threads, poll)
+            self._threadpool = _new_threadpool(threads, poll)
             attach = llama_bindings._lib.llama_attach_threadpool
             attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             attach.restype = None

@@ -8,7 +8,10 @@ import json
 
 import jsonschema
 import openai
+import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tests.server import RunningServer, start_server
 
 WEATHER_PARAMETERS = {"type": "object", "properties": {
     "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
@@ -99,3 +102,66 @@ def test_the_sdk_types_validate_every_body_and_chunk_strictly(http, server):
     calls = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
     assert [c.function.name for c in calls] == ["get_weather"]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+# ---- DeepSeek's own call syntax, on the tiny random-weight DeepSeek-V3/R1 (deepseek2) model -----------------------
+# Its vocabulary has the tool-call control tokens and `<think>`; its template is R1's (the prompt opens the block).
+
+
+@pytest.fixture(scope="module")
+def v3_server(tiny_ggufs) -> RunningServer:
+    running = start_server("--model-path", tiny_ggufs["deepseek-r1"], "--model-id", "tiny-deepseek-v3",
+                           "--parallel", "2", "--ctx-size", "1024", "--threads", "1")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def v3(v3_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=v3_server.base_url, api_key=v3_server.api_key, max_retries=0)
+
+
+V3_REQUEST = {"model": "tiny-deepseek-v3", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 160, "seed": 3,
+              "temperature": 0.7, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+V3_EXTRA = {"max_reasoning_tokens": 2, "reasoning_format": "deepseek"}
+
+
+def test_a_reasoning_model_thinks_then_calls_in_deepseek_syntax(v3):
+    r = v3.chat.completions.create(**V3_REQUEST, extra_body=V3_EXTRA)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert (choice.message.model_extra or {}).get("reasoning_content")  # thought first, freely
+    assert r.usage.completion_tokens_details.reasoning_tokens == 2
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_PARAMETERS)
+
+    # streamed: reasoning deltas, then the whole call in one delta; the SDK's helper rebuilds the message
+    with v3.chat.completions.stream(**V3_REQUEST, extra_body=V3_EXTRA) as stream:
+        chunks = [event.chunk for event in stream if event.type == "chunk"]
+        final = stream.get_final_completion()
+    order = []
+    for chunk in chunks:
+        delta = chunk.choices[0].delta if chunk.choices else None
+        if delta is not None and (delta.model_extra or {}).get("reasoning_content"):
+            order.append("r")
+        if delta is not None and delta.tool_calls:
+            order.append("t")
+    assert order == sorted(order, key="rt".index) and order.count("t") == 1
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in final.choices[0].message.tool_calls] == ["get_weather"]
+    assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments  # same seed
+    assert not final.choices[0].message.content  # the markers never show as content
+
+
+def test_a_deepseek_call_and_its_result_go_back_in_deepseek_syntax(v3):
+    first = v3.chat.completions.create(**V3_REQUEST, extra_body=V3_EXTRA)
+    call = first.choices[0].message.tool_calls[0]
+    history = [*MESSAGES, first.choices[0].message.model_dump(exclude_none=True)]
+    assert "reasoning_content" in history[-1]  # the SDK sends it back; deepserve drops it before templating
+    with_result = [*history, {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees."}]
+    r = v3.chat.completions.create(model="tiny-deepseek-v3", messages=with_result, tools=TOOLS, max_tokens=4,
+                                   extra_body={"ignore_eos": True})
+    without = v3.chat.completions.create(model="tiny-deepseek-v3", messages=history, tools=TOOLS, max_tokens=1)
+    assert r.usage.prompt_tokens > without.usage.prompt_tokens + 5
+    assert r.choices[0].finish_reason == "length"

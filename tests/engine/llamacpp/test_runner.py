@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from deepserve.bundled import bundled_model_path
@@ -97,3 +100,26 @@ def test_context_is_clamped_to_the_training_window(tiny_ggufs):
     finally:
         big.close()
         small.close()
+
+
+def test_default_thread_count_decodes():
+    """num_threads=None (what `deepserve serve` uses without --threads) must decode: the context's own
+    default thread count once exceeded the attached threadpool and llama_decode segfaulted. Run in a child
+    process so a crash fails this test, not the whole session."""
+    code = (
+        "from deepserve.bundled import bundled_model_path\n"
+        "from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner\n"
+        "from deepserve.engine.types import SamplingParams\n"
+        "r = LlamaRunner(str(bundled_model_path()), ctx_size_per_seq=256, num_seqs=2, batch_size=64)\n"
+        "p = r.tokenize('The capital of France is', add_special=False, parse_special=False)\n"
+        "s = r.new_sampler(SamplingParams(temperature=0.0), seed=0)\n"
+        "(row,) = r.decode([BatchEntry(0, p, 0, True)])\n"
+        "out = []\n"
+        "for i in range(4):\n"
+        "    out.append(r.sample(s, row))\n"
+        "    (row,) = r.decode([BatchEntry(0, [out[-1]], len(p) + i, True)])\n"
+        "print(b''.join(r.token_piece(t) for t in out).decode())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout
