@@ -25,7 +25,7 @@ from deepserve.billing.headers import BillingHeaders
 from deepserve.billing.idempotency import IdempotencyMiddleware
 from deepserve.billing.service import Billing
 from deepserve.catalog import Catalog, default_catalog
-from deepserve.catalog.plan import ModelPlan, plan_models
+from deepserve.catalog.plan import ModelPlan, assign_resources, plan_models
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.config import Settings
 from deepserve.engine.remote.config import RemoteModelSpec
@@ -48,10 +48,10 @@ def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> Serv
     engine = LlamaCppEngine(
         plan.path,
         plan.model_id,
-        ctx_size=settings.ctx_size,
+        ctx_size=plan.ctx_size or settings.ctx_size,
         parallel=settings.parallel,
         batch_size=settings.batch_size,
-        threads=settings.threads,
+        threads=plan.threads or settings.threads,
         max_queue=settings.max_queue,
         kv_unified=settings.kv_unified,
         poll=settings.poll,
@@ -93,13 +93,18 @@ def load_served_models(settings: Settings, registry: ModelRegistry) -> None:
         from deepserve.models_file import load_models_file
 
         models_file = load_models_file(settings.config, settings, catalog, local)
-        plans, remote = models_file.local, models_file.remote
+        plans, remote = assign_resources(models_file.local, settings), models_file.remote
     else:
         plans = plan_models(settings, catalog, local)
     try:
         for plan in plans:
-            registry.add(load_served_model(settings, plan))
-            log.info("serving %s from %s", plan.model_id, plan.path)
+            served = load_served_model(settings, plan)
+            registry.add(served)
+            log.info("serving %s from %s (%d threads, context %d)", plan.model_id, plan.path,
+                     served.engine.stats().get("threads", 0), served.ctx_size)
+            if served.ctx_size < settings.ctx_size:
+                log.warning("%s: context is %d tokens, not --ctx-size %d: the model's window is no larger",
+                            plan.model_id, served.ctx_size, settings.ctx_size)
         for spec in remote:
             registry.add(load_remote_model(spec, catalog))
             log.info("serving %s through %d upstream(s): %s", spec.id, len(spec.upstreams),

@@ -1,4 +1,4 @@
-"""`deepserve models`: the catalog, and the weights on this machine (list, pull, add)."""
+"""`deepserve models`: the catalog, and the weights on this machine (list, pull, add, remove)."""
 
 from __future__ import annotations
 
@@ -170,3 +170,31 @@ def add_model(
         raise typer.Exit(1) from exc
     typer.echo(f"{model.id} registered: {model.path}")
     typer.echo(f"serve it with: deepserve serve --model {model.id}")
+
+
+@app.command("remove")
+def remove_model(
+    model_id: str = typer.Argument(..., metavar="ID", help="Registered id or catalog alias."),
+    delete_files: bool = typer.Option(
+        False, "--delete-files", help="Also delete the GGUF, if `deepserve models pull` downloaded it."
+    ),
+    data_dir: str = typer.Option(None, help=_DATA_DIR_HELP),
+) -> None:
+    """Unregister a model, so `deepserve serve` no longer serves it (a running server keeps it until restarted)."""
+    from deepserve.catalog.pull import pulled_here, remove
+
+    registry = _registry(data_dir)
+    try:
+        model, deleted = remove(registry, default_catalog(), model_id, delete_files=delete_files)
+    except PullError as exc:
+        typer.echo(f"deepserve: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"{model.id} unregistered")
+    for path in deleted:
+        typer.echo(f"deleted {path}")
+    if not delete_files:
+        typer.echo(f"kept {model.path} (`--delete-files` deletes what `models pull` downloaded)")
+    elif not pulled_here(registry, model):
+        typer.echo(f"kept {model.path}: deepserve did not download it (it was registered with `models add`)")
+    elif Path(model.path) not in deleted:
+        typer.echo(f"{model.path} was already gone")

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("~/.local/share/deepserve"), validate_default=True, description="local model registry and pulled weights"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="CPU threads per model (default: cores split between models)")
     ctx_size: int = Field(2048, ge=64, description="context window of one request (prompt + max_tokens)")
     parallel: int = Field(8, ge=1, le=256, description="sequences decoded together (slots)")
     batch_size: int = Field(512, ge=8, description="tokens per llama_decode (n_batch): caps prefill chunks")

@@ -42,9 +42,10 @@ def start_server(
     *args: str, api_key: str | None = "sk-test-key", env: dict[str, str] | None = None, threads: int | None = 2
 ) -> RunningServer:
     """Start `deepserve serve` on a free port. threads=None leaves llama.cpp's thread count at the serve default."""
-    cmd = [sys.executable, "-m", "deepserve", "serve", "--port", "0", *args]
+    cmd = [sys.executable, "-m", "deepserve", "serve", "--port", "0"]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    cmd += args  # after the default: a test's own "--threads N" wins (the last one given does)
     if api_key:
         cmd += ["--api-key", api_key]
     log = tempfile.NamedTemporaryFile(prefix="deepserve-", suffix=".log", delete=False)

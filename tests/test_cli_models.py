@@ -93,7 +93,7 @@ def test_pull_from_the_hub_then_serve_every_registered_model(tmp_path, tiny_gguf
     assert cli("models", "add", "deepseek-r1-32b", "--gguf", tiny_ggufs["deepseek-r1-distill-qwen"],
                "--data-dir", str(data))[0] == 0
 
-    running = start_server("--parallel", "2", "--ctx-size", "512", "--threads", "1",
+    running = start_server("--parallel", "2", "--ctx-size", "512", threads=1,
                            env={"DEEPSERVE_DATA_DIR": str(data)})
     try:
         assert running.model == f"SmolLM2-135M-Instruct,{CODER},{R1_32B}"
@@ -123,5 +123,57 @@ def test_pull_from_the_hub_then_serve_every_registered_model(tmp_path, tiny_gguf
 
         health = httpx.get(f"{running.root_url}/health").json()
         assert [e["model"] for e in health["engines"]] == ["SmolLM2-135M-Instruct", CODER, R1_32B]
+        assert [(e["threads"], e["ctx_size"]) for e in health["engines"]] == [(1, 512)] * 3
+
+        # deepseek-coder (pulled, its GGUF carries DeepSeek's FIM tokens) fills in the middle; SmolLM2 cannot
+        fim = client.completions.create(model=CODER, prompt="def add(a, b):\n", suffix="\nprint(add(1, 2))",
+                                        max_tokens=3, extra_body={"ignore_eos": True})
+        assert fim.usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError, match="does not support fill-in-the-middle"):
+            client.completions.create(model="SmolLM2-135M-Instruct", prompt="def add(a, b):\n", suffix="x")
     finally:
         running.stop()
+
+
+def test_pull_of_corrupted_bytes_fails_and_registers_nothing(tmp_path, hub):
+    data = tmp_path / "data"
+    content = b"GGUF" + os.urandom(2048)
+    hub.add("TheBloke/deepseek-coder-6.7B-instruct-GGUF", "deepseek-coder-6.7b-instruct.Q4_K_M.gguf", content,
+            served=content[:-1] + b"\x00")
+    env = {**os.environ, "DEEPSERVE_DATA_DIR": str(data), "HF_ENDPOINT": hub.endpoint}
+    pulled = subprocess.run([sys.executable, "-m", "deepserve", "models", "pull", CODER],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert pulled.returncode == 1
+    assert "does not match the expected" in pulled.stderr and "the file was removed, pull again" in pulled.stderr
+    code, out = cli("models", "list", "--json", "--data-dir", str(data))
+    assert {row["id"]: row for row in json.loads(out)}[CODER]["weights"] == {"status": "absent", "path": None}
+
+
+def test_remove_unregisters_and_deletes_only_downloads(tmp_path, tiny_ggufs):
+    data = str(tmp_path)
+    assert cli("models", "add", "deepseek-r1-32b", "--gguf", tiny_ggufs["deepseek-r1-distill-qwen"],
+               "--data-dir", data)[0] == 0
+    code, out = cli("models", "remove", "deepseek-r1-32b", "--delete-files", "--data-dir", data)
+    assert code == 0 and out.splitlines() == [
+        f"{R1_32B} unregistered",
+        f"kept {tiny_ggufs['deepseek-r1-distill-qwen']}: deepserve did not download it (it was registered with "
+        "`models add`)"]
+    assert os.path.isfile(tiny_ggufs["deepseek-r1-distill-qwen"])
+    rows = {row["id"]: row for row in json.loads(cli("models", "list", "--json", "--data-dir", data)[1])}
+    assert rows[R1_32B]["weights"]["status"] == "absent"
+    code, out = cli("models", "remove", "deepseek-r1-32b", "--data-dir", data)
+    assert code == 1 and "'deepseek-r1-32b' is not registered" in out
+
+
+def test_pull_then_remove_with_delete_files(tmp_path, hub):
+    data = tmp_path / "data"
+    hub.add("TheBloke/deepseek-coder-6.7B-instruct-GGUF", "deepseek-coder-6.7b-instruct.Q4_K_M.gguf",
+            b"GGUF" + os.urandom(1024))
+    env = {**os.environ, "DEEPSERVE_DATA_DIR": str(data), "HF_ENDPOINT": hub.endpoint}
+    pulled = subprocess.run([sys.executable, "-m", "deepserve", "models", "pull", CODER],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert pulled.returncode == 0, pulled.stderr
+    path = data / "models/TheBloke/deepseek-coder-6.7B-instruct-GGUF/deepseek-coder-6.7b-instruct.Q4_K_M.gguf"
+    code, out = cli("models", "remove", "deepseek-coder-6.7b-instruct", "--delete-files", "--data-dir", str(data))
+    assert code == 0 and out.splitlines()[:2] == [f"{CODER} unregistered", f"deleted {path}"]
+    assert not path.exists() and list((data / "models").iterdir()) == []

@@ -83,3 +83,23 @@ def test_serve_refuses_a_bad_models_file_or_one_mixed_with_model_flags(tmp_path)
     assert result.exit_code == 2 and "models[0] (nope)" in result.output and "must be http(s)" in result.output
     result = CliRunner().invoke(app, ["serve", "--config", str(path), "--model", "SmolLM2-135M-Instruct"])
     assert result.exit_code == 2 and "not both" in result.output
+
+
+def test_local_models_of_a_models_file_split_the_cores_and_remote_ones_take_none(tmp_path, monkeypatch):
+    from deepserve.catalog.plan import assign_resources
+
+    monkeypatch.setattr("deepserve.catalog.plan.available_cores", lambda: 8)
+    loaded = load(tmp_path, [
+        {"id": "deepseek-r1", "upstreams": [{"url": "http://10.0.0.10:8000/v1"}]},
+        {"id": "SmolLM2-135M-Instruct"},
+        {"id": "smol-copy", "gguf": loaded_gguf_path()},
+    ])
+    plans = assign_resources(loaded.local, Settings())
+    assert [p.threads for p in plans] == [4, 4]  # two local engines share 8 cores; the upstream model takes none
+    assert [p.ctx_size for p in plans] == [Settings().ctx_size] * 2
+
+
+def loaded_gguf_path() -> str:
+    from deepserve.bundled import bundled_model_path
+
+    return str(bundled_model_path())

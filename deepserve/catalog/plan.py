@@ -6,11 +6,19 @@
 - neither: the bundled model plus every registered model whose file is present.
 `--template NAME` gives every model of this run that built-in template; else a model keeps the one it was
 registered with (`models add --template`), else its GGUF's own, else its catalog family's.
+
+Each model gets its own engine, so the plan also shares the machine out:
+- CPU threads: `--threads N` gives every engine N threads (llama-server's meaning: per model). Without it one
+  model gets every core this process may use, and several split them evenly (at least one each), so that two
+  busy models do not run twice as many compute threads as there are cores.
+- context: `--ctx-size` is clamped, per model, to the context window the catalog gives it (the engine also
+  clamps to the GGUF's training window, which it reads when it loads the file).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +41,35 @@ class ModelPlan:
     path: str
     entry: CatalogEntry | None  # catalog facts, when the catalog knows the model
     template: str | None = None  # built-in template the operator chose; wins over the GGUF's own
+    threads: int | None = None  # llama.cpp threads of its engine (None: --threads, else every core)
+    ctx_size: int | None = None  # context window of one request on its engine (None: --ctx-size)
 
 
 def plan_models(settings: Settings, catalog: Catalog, local: LocalRegistry) -> list[ModelPlan]:
+    return assign_resources(_choose_models(settings, catalog, local), settings)
+
+
+def assign_resources(plans: list[ModelPlan], settings: Settings) -> list[ModelPlan]:
+    """Threads and context of each local engine (models served by upstream engines take no core here)."""
+    if not plans:
+        return plans
+    threads = settings.threads or max(1, available_cores() // len(plans))
+    for plan in plans:
+        plan.threads = threads
+        window = plan.entry.context_window if plan.entry is not None else None
+        plan.ctx_size = min(settings.ctx_size, window) if window else settings.ctx_size
+    return plans
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's limit, taskset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _choose_models(settings: Settings, catalog: Catalog, local: LocalRegistry) -> list[ModelPlan]:
     if settings.template is not None and settings.template not in BUILTIN_TEMPLATE_NAMES:
         raise ModelUnavailableError(
             f"unknown chat template {settings.template!r}; built-in templates: {', '.join(BUILTIN_TEMPLATE_NAMES)}"

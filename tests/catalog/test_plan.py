@@ -73,3 +73,32 @@ def test_operator_template_overrides_the_registered_one(registry, gguf):
     assert [p.template for p in plan(registry, template="chatml")] == ["chatml", "chatml"]
     with pytest.raises(ModelUnavailableError, match="unknown chat template"):
         plan(registry, template="alpaca")
+
+
+def test_several_models_split_the_cores_and_threads_is_per_model(registry, gguf, monkeypatch):
+    registry.add(LocalModel(id=R1_32B, path=gguf, source="pull"))
+    registry.add(LocalModel(id="mine", path=gguf, source="add"))
+    monkeypatch.setattr("deepserve.catalog.plan.available_cores", lambda: 8)
+    assert [p.threads for p in plan(registry)] == [2, 2, 2]  # 8 cores, 3 engines: never 3 x 8 threads
+    assert [p.threads for p in plan(registry, models=["mine"])] == [8]  # one model: every core
+    assert [p.threads for p in plan(registry, threads=3)] == [3, 3, 3]  # --threads: each engine's own
+    monkeypatch.setattr("deepserve.catalog.plan.available_cores", lambda: 2)
+    assert [p.threads for p in plan(registry)] == [1, 1, 1]  # at least one each
+
+
+def test_available_cores_is_this_process_cpu_affinity():
+    import os
+
+    from deepserve.catalog.plan import available_cores
+
+    assert available_cores() == len(os.sched_getaffinity(0))
+
+
+def test_ctx_size_is_clamped_to_each_catalog_models_window(registry, gguf):
+    math = "deepseek-ai/deepseek-math-7b-instruct"  # 4,096-token window
+    registry.add(LocalModel(id=math, path=gguf, source="pull"))
+    registry.add(LocalModel(id=R1_32B, path=gguf, source="pull"))  # 131,072
+    registry.add(LocalModel(id="mine", path=gguf, source="add"))  # unknown: the engine clamps to its GGUF
+    plans = {p.model_id: p.ctx_size for p in plan(registry, ctx_size=16384)}
+    assert plans == {BUNDLED_MODEL_ID: 8192, math: 4096, R1_32B: 16384, "mine": 16384}
+    assert {p.ctx_size for p in plan(registry)} == {2048}  # the default fits every window

@@ -16,7 +16,8 @@ from deepserve.api.openai import render
 from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from deepserve.chat_options import apply_model_defaults, prepare_chat
 from deepserve.engine.types import TokenDelta
-from deepserve.errors import EngineError
+from deepserve.errors import EngineError, InvalidRequestError
+from deepserve.fim import fim_prompt_tokens, wants_fim
 from deepserve.serving import ChoiceResult, ServedModel, collect_stream, metered_generate, metered_generate_many
 
 router = APIRouter()
@@ -113,7 +114,12 @@ async def _chat_events(
 async def completions(body: CompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model: ServedModel = request.app.state.models.get(body.model)
     prompts = body.prompts()
-    token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
+    if wants_fim(model, body.suffix):  # prompt = the code before the gap, suffix = the code after it
+        if body.echo:
+            raise InvalidRequestError("echo cannot be combined with suffix (fill-in-the-middle).", param="echo")
+        token_lists = [fim_prompt_tokens(model, p, body.suffix) for p in prompts]
+    else:
+        token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
     texts = [p if isinstance(p, str) else "" for p in prompts]
     longest = max(len(t) for t in token_lists)
     sampling = apply_model_defaults(model, body.to_sampling(model.resolve_max_tokens(body.max_tokens, longest)),

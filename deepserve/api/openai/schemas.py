@@ -169,7 +169,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for legacy completions
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = None  # fill-in-the-middle: the code after the gap (deepserve.fim)
     logprobs: int | None = Field(None, ge=0, le=20)
 
     def prompts(self) -> list[str | list[int]]:
@@ -183,7 +183,5 @@ class CompletionRequest(_SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
     def to_sampling(self, max_tokens: int) -> SamplingParams:
-        if self.suffix:
-            raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by this model.", param="suffix")
         wants_logprobs = self.logprobs is not None
         return self.sampling(max_tokens=max_tokens, logprobs=wants_logprobs, top_logprobs=self.logprobs or 0)

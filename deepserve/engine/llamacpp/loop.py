@@ -85,6 +85,7 @@ class LlamaCppEngine:
             kv_unified=kv_unified,
             poll=poll,
         )
+        self.ctx_size = self.runner.ctx_size_per_seq  # never past the model's training window
         self.scheduler = Scheduler(parallel, batch_size)
         # What the engine feeds to end a reasoning block whose budget is spent ("</think>\n\n").
         self._close_tokens = tuple(self.runner.tokenize(FORCED_CLOSE, add_special=False, parse_special=True))
@@ -104,6 +105,9 @@ class LlamaCppEngine:
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.runner.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def fim_token_ids(self) -> tuple[int, int, int] | None:
+        return self.runner.fim_token_ids()
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:
@@ -168,6 +172,7 @@ class LlamaCppEngine:
             "model": self.model_id,
             "parallel": self.parallel,
             "ctx_size": self.ctx_size,
+            "threads": self.runner.num_threads,
             "num_running": len(running),
             "num_waiting": num_queued,
             "num_steps": c.num_steps,

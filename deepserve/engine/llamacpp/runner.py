@@ -120,6 +120,12 @@ class LlamaRunner:
             raise RuntimeError(f"could not load model from {model_path}")
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.num_vocab = llama.llama_vocab_n_tokens(self._vocab)
+        n_ctx_train = llama.llama_model_n_ctx_train(self._model)
+        if 0 < n_ctx_train < ctx_size_per_seq:
+            # Past its training window a model without RoPE scaling writes garbage (Ollama clamps too).
+            _llama_log.warning("%s was trained on %d tokens of context: its context is clamped from %d to %d",
+                               Path(model_path).name, n_ctx_train, ctx_size_per_seq, n_ctx_train)
+            ctx_size_per_seq = n_ctx_train
         self.ctx_size_per_seq = ctx_size_per_seq
         self.num_seqs = num_seqs
         self.batch_size = batch_size
@@ -141,6 +147,7 @@ class LlamaRunner:
             llama.llama_model_free(self._model)
             raise RuntimeError("could not create a llama.cpp context (out of memory?)")
         self._threadpool = None
+        self.num_threads = threads
         if poll is not None:
             self._threadpool = _new_threadpool(threads, poll)
             attach = llama_bindings._lib.llama_attach_threadpool
@@ -189,6 +196,14 @@ class LlamaRunner:
         """The vocabulary entry of a token, special tokens included (e.g. `<|im_end|>`)."""
         raw = llama.llama_vocab_get_text(self._vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def fim_token_ids(self) -> tuple[int, int, int] | None:
+        """Fill-in-the-middle prefix, suffix and middle tokens: from the GGUF's tokenizer.ggml.fim_*_token_id, or
+        found by llama.cpp by their text (DeepSeek's `<｜fim▁begin｜>`, Qwen's `<|fim_prefix|>`, ...). None when the
+        vocabulary lacks any of the three."""
+        ids = (llama.llama_vocab_fim_pre(self._vocab), llama.llama_vocab_fim_suf(self._vocab),
+               llama.llama_vocab_fim_mid(self._vocab))
+        return None if llama.LLAMA_TOKEN_NULL in ids else ids
 
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))

@@ -73,6 +73,35 @@ def test_logprobs_are_a_distribution(runner):
     assert 0.0 < sum(2.718281828 ** lp for _, lp in top) <= 1.0 + 1e-9
 
 
+def test_the_bundled_model_has_no_fim_tokens(runner):
+    assert runner.fim_token_ids() is None
+
+
+def test_fim_tokens_come_from_the_gguf_vocabulary(tiny_ggufs):
+    coder = LlamaRunner(tiny_ggufs["deepseek-coder"], ctx_size_per_seq=64, num_seqs=1, batch_size=64, num_threads=1)
+    math = LlamaRunner(tiny_ggufs["deepseek-math"], ctx_size_per_seq=64, num_seqs=1, batch_size=64, num_threads=1)
+    try:
+        ids = [coder.tokenize(t, add_special=False, parse_special=True)
+               for t in ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")]
+        assert coder.fim_token_ids() == tuple(i for [i] in ids)
+        assert math.fim_token_ids() is None
+    finally:
+        coder.close()
+        math.close()
+
+
+def test_context_is_clamped_to_the_training_window(tiny_ggufs):
+    # tiny deepseek-math says context_length 4096: asking for more gets 4096, less is kept
+    big = LlamaRunner(tiny_ggufs["deepseek-math"], ctx_size_per_seq=6000, num_seqs=1, batch_size=64, num_threads=1)
+    small = LlamaRunner(tiny_ggufs["deepseek-math"], ctx_size_per_seq=300, num_seqs=1, batch_size=64, num_threads=1)
+    try:
+        assert (big.ctx_train, big.ctx_size_per_seq, small.ctx_size_per_seq) == (4096, 4096, 300)
+        assert big.num_threads == 1
+    finally:
+        big.close()
+        small.close()
+
+
 def test_default_thread_count_decodes():
     """num_threads=None (what `deepserve serve` uses without --threads) must decode: the context's own
     default thread count once exceeded the attached threadpool and llama_decode segfaulted. Run in a child

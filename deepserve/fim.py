@@ -1,0 +1,62 @@
+"""Fill-in-the-middle: the prompt a code model was trained on to write what goes between two pieces of code.
+
+`POST /v1/completions` with `prompt` (the code before the gap) and `suffix` (the code after it), as DeepSeek's
+FIM completion accepts, becomes, in the prefix-suffix-middle order that DeepSeek-Coder was trained on and
+llama-server's `/infill` builds (tools/server/server-common.cpp, format_prompt_infill):
+
+    [BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID        deepseek-coder: <｜fim▁begin｜> … <｜fim▁hole｜> … <｜fim▁end｜>
+
+and the model generates the middle. The three tokens come from the GGUF (its tokenizer.ggml.fim_*_token_id,
+or llama.cpp's detection by their text); an engine that cannot say falls back to the catalog's `[models.fim]`
+strings when each is one token of the vocabulary. A model with neither gets a 400 that says so.
+The code is user text: special-token strings inside it stay text and never become FIM markers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from deepserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from deepserve.serving import ServedModel
+
+
+def fim_token_ids(model: ServedModel) -> tuple[int, int, int] | None:
+    """(prefix, suffix, middle) token ids of the model, or None if it was not trained for fill-in-the-middle."""
+    from_engine = getattr(model.engine, "fim_token_ids", None)
+    ids = from_engine() if from_engine is not None else None
+    if ids is None and model.catalog is not None and model.catalog.fim is not None:
+        fim = model.catalog.fim
+        pieces = [model.engine.tokenize(text, add_special=False, parse_special=True)
+                  for text in (fim.prefix, fim.suffix, fim.middle)]
+        if all(len(p) == 1 for p in pieces):
+            ids = (pieces[0][0], pieces[1][0], pieces[2][0])
+    return ids
+
+
+def wants_fim(model: ServedModel, suffix: str | None) -> bool:
+    """Whether a completion request is a fill-in-the-middle one. An empty suffix (nothing after the gap, as
+    editors send at the end of a file) is FIM for a model trained for it and a plain completion for the others."""
+    if suffix is None:
+        return False
+    return suffix != "" or fim_token_ids(model) is not None
+
+
+def fim_prompt_tokens(model: ServedModel, prefix: str | list[int], suffix: str) -> list[int]:
+    """The FIM prompt for the code around the gap; a token-list prefix is taken as already tokenized."""
+    ids = fim_token_ids(model)
+    if ids is None:
+        raise InvalidRequestError(
+            f"The model `{model.model_id}` does not support fill-in-the-middle: its vocabulary has no FIM prefix, "
+            "suffix and middle tokens, so `suffix` cannot be used with it. Send the prompt without `suffix`, or "
+            "use a code model trained for infilling (e.g. deepseek-coder).",
+            param="suffix",
+        )
+    pre, suf, mid = ids
+    engine = model.engine
+    bos = engine.tokenize("", add_special=True, parse_special=False)  # [BOS] when the model wants one, else []
+    before = list(prefix) if isinstance(prefix, list) else engine.tokenize(prefix, add_special=False,
+                                                                          parse_special=False)
+    after = engine.tokenize(suffix, add_special=False, parse_special=False)
+    return [*bos, pre, *before, suf, *after, mid]
