@@ -1,9 +1,10 @@
 """The async face of billing, used by `deepserve.serving.metered_generate`: reserve before the engine sees a
 request, count what its streams deliver, settle once when the last of them closes.
 
-Settling happens in the streams' `aclose()`, which every route reaches (normal end, client gone, engine
-error): a `MeteredStream` is a class, not an async generator, so closing one that never started still
-settles. The settle runs on the database threads under `asyncio.shield`: a cancelled request (the client
+Settling happens when the last choice's final delta passes through (before the route can send it: a
+client never sees the end of an answer whose charge is not committed), else in the streams' `aclose()`,
+which every route reaches (client gone, engine error): a `MeteredStream` is a class, not an async generator,
+so closing one that never started still settles. The settle runs on the database threads under `asyncio.shield`: a cancelled request (the client
 left) cannot cancel its own charge.
 """
 
@@ -185,6 +186,10 @@ class Charge:
         total.status = "error" if "error" in statuses else "aborted" if statuses else "ok"
         return total
 
+    def all_finished(self) -> bool:
+        """Every choice of every prompt has had its final delta: nothing more will be computed."""
+        return all(choice.final is not None for choices in self._choices for choice in choices)
+
     async def stream_closed(self) -> None:
         self._num_open -= 1
         if self._num_open <= 0:
@@ -229,6 +234,10 @@ class MeteredStream:
             await self.aclose()
             raise
         self._charge.observe(self._group, index, delta)
+        if delta.finish_reason is not None and self._charge.all_finished():
+            # Settle before the last delta reaches the client: once a client has seen a request end, its
+            # usage is committed, so a crash (kill -9) right after cannot lose a completed request's charge.
+            await self._charge.settle()
         return index, delta
 
     async def aclose(self) -> None:
