@@ -166,3 +166,45 @@ def test_a_request_the_engine_refused_releases_everything(db_url):
             assert m.usage_rows() == [] and (m.account().balance, m.account().reserved) == (GRANT, 0)
 
     asyncio.run(scenario())
+
+
+def test_a_settle_the_database_refused_is_kept_and_retried_until_it_lands(db_url, monkeypatch):
+    """The database away for longer than the quick retries: the usage is kept and settled at a later heartbeat
+    (`retry_unsettled`), so the reservation is not locked and the tokens not lost while the process lives. A
+    settle whose commit landed but whose answer was lost is not charged twice (one usage record per request)."""
+    from sqlalchemy.exc import OperationalError
+
+    from deepserve.billing import reservations
+
+    real_settle = reservations.settle
+    outage = {"calls": 0, "down": True}
+
+    def flaky_settle(*args, **kwargs):
+        outage["calls"] += 1
+        if outage["down"]:
+            raise OperationalError("UPDATE accounts ...", {}, Exception("the database is away"))
+        return real_settle(*args, **kwargs)
+
+    async def scenario() -> None:
+        async with Metered(db_url) as m:
+            charge = await m.charge([4], n=1, max_tokens=3)
+            monkeypatch.setattr(reservations, "settle", flaky_settle)
+            (stream,) = charge.wrap([scripted([(0, final(FinishReason.STOP, num_prompt=4, num_generated=1))])])
+            async for _ in stream:
+                pass
+            assert outage["calls"] == 3 and m.usage_rows() == []
+            assert m.account().reserved == charge.reservation.amount  # held, not lost
+            assert await m.meter.retry_unsettled() == 1  # still away
+            outage["down"] = False
+            assert await m.meter.retry_unsettled() == 0
+            (row,) = m.usage_rows()
+            assert row.cost == cost(PRICES, num_prompt=4, num_cached=0, num_completion=1)
+            assert (m.account().balance, m.account().reserved) == (GRANT - row.cost, 0)
+            # The same settle again (as if its commit had landed unseen): refused by the unique request id.
+            m.meter._unsettled.append((charge.reservation, charge.usage(), "/v1/chat/completions"))
+            assert await m.meter.retry_unsettled() == 0
+            assert len(m.usage_rows()) == 1 and m.account().balance == GRANT - row.cost
+            balance, ledger_sum = accounts.check_ledger(m.db.engine, m.account_id)
+            assert balance == ledger_sum
+
+    asyncio.run(scenario())
