@@ -19,22 +19,24 @@ def list_prices(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (nano-dollars per million tokens)."),
 ) -> None:
     """Every catalog price and every operator override."""
-    from deepserve.billing.accounts import price_overrides
-    from deepserve.billing.money import dollars
+    from deepserve.billing.accounts import price_overrides, resolve_price
+    from deepserve.billing.money import TokenPrices, dollars
     from deepserve.catalog import default_catalog
 
     overrides = price_overrides(open_engine(url, data_dir))
     rows = []
+    named = set()  # override names that belong to a catalog model (its id or an alias)
     for entry in default_catalog():
-        own = overrides.get(entry.id)
-        if own is None and entry.prices is None:
+        named.update(entry.names)
+        catalog = TokenPrices(entry.prices.input, entry.prices.cached_input, entry.prices.output) if entry.prices \
+            else None
+        price, source = resolve_price(overrides, entry.names, catalog)
+        if source == "free":
             continue
-        price = own or entry.prices
-        rows.append({"model": entry.id, "source": "operator" if own else "catalog", "input": price.input,
+        rows.append({"model": entry.id, "source": source, "input": price.input,
                      "cached_input": price.cached_input, "output": price.output})
-    known = {r["model"] for r in rows}
     rows += [{"model": m, "source": "operator", "input": p.input, "cached_input": p.cached_input, "output": p.output}
-             for m, p in overrides.items() if m not in known]
+             for m, p in overrides.items() if m not in named]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -158,11 +158,23 @@ def price_overrides(engine: Engine) -> dict[str, TokenPrices]:
                 for r in conn.execute(sa.select(prices_table).order_by(prices_table.c.model_id))}
 
 
-def price_of(conn: Connection, names: tuple[str, ...], catalog_prices: TokenPrices | None) -> TokenPrices:
-    """The price of a model known by `names` (served id first): the operator's, else the catalog's, else free."""
-    rows = {r.model_id: r for r in conn.execute(sa.select(prices_table).where(prices_table.c.model_id.in_(names)))}
+def resolve_price(
+    overrides: dict[str, TokenPrices], names: tuple[str, ...], catalog_prices: TokenPrices | None
+) -> tuple[TokenPrices, str]:
+    """(price, source) of a model known by `names` (served id first, then its catalog id and aliases): the
+    operator's price under the first of its names that has one, else the catalog's, else free. The one rule
+    that charging (`price_of`) and every listing (admin API, `deepserve prices list`) follow."""
     for name in names:
-        row = rows.get(name)
-        if row is not None:
-            return TokenPrices(row.input, row.cached_input, row.output)
-    return catalog_prices or FREE
+        own = overrides.get(name)
+        if own is not None:
+            return own, "operator"
+    if catalog_prices is not None:
+        return catalog_prices, "catalog"
+    return FREE, "free"
+
+
+def price_of(conn: Connection, names: tuple[str, ...], catalog_prices: TokenPrices | None) -> TokenPrices:
+    """The price a request for the model known by `names` is charged at (see `resolve_price`)."""
+    rows = conn.execute(sa.select(prices_table).where(prices_table.c.model_id.in_(names)))
+    overrides = {r.model_id: TokenPrices(r.input, r.cached_input, r.output) for r in rows}
+    return resolve_price(overrides, names, catalog_prices)[0]

@@ -1,9 +1,10 @@
 """The async face of billing, used by `deepserve.serving.metered_generate`: reserve before the engine sees a
 request, count what its streams deliver, settle once when the last of them closes.
 
-Settling happens in the streams' `aclose()`, which every route reaches (normal end, client gone, engine
-error): a `MeteredStream` is a class, not an async generator, so closing one that never started still
-settles. The settle runs on the database threads under `asyncio.shield`: a cancelled request (the client
+Settling happens when the last choice's final delta passes through (before the route can send it: a
+client never sees the end of an answer whose charge is not committed), else in the streams' `aclose()`,
+which every route reaches (client gone, engine error): a `MeteredStream` is a class, not an async generator,
+so closing one that never started still settles. The settle runs on the database threads under `asyncio.shield`: a cancelled request (the client
 left) cannot cancel its own charge.
 """
 
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from deepserve.api.auth import Principal
 from deepserve.billing import reservations as sql
@@ -56,6 +57,7 @@ class Meter:
         self.pid = os.getpid()
         self._task: asyncio.Task | None = None
         self._jobs: set[asyncio.Future] = set()  # settles in flight: the loop keeps only weak references
+        self._unsettled: list[tuple[Reservation, Usage, str]] = []  # settles the database refused (it was away)
 
     async def start(self) -> int:
         """Register this process and release what stopped ones left open; returns how many were released."""
@@ -70,6 +72,8 @@ class Meter:
             await asyncio.sleep(sql.HEARTBEAT_S)
             beats += 1
             try:
+                if self._unsettled:
+                    await self.retry_unsettled()
                 await self.db.run(sql.heartbeat, self.instance_id, self.machine, self.pid)
                 if beats % SWEEP_EVERY_BEATS == 0:
                     await self.db.run(sql.release_dead, self.instance_id, self.machine)
@@ -84,6 +88,9 @@ class Meter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*self._jobs, return_exceptions=True)  # settles still running finish first
+        if self._unsettled and await self.retry_unsettled():
+            log.error("%d request(s) could not be charged: the database is away; their reservations are released "
+                      "now or at the next start", len(self._unsettled))
         await self.db.run(sql.unregister_instance, self.instance_id)
 
     async def reserve(
@@ -104,7 +111,7 @@ class Meter:
 
     async def settle(self, reservation: Reservation, usage: Usage, endpoint: str) -> int | None:
         """Settle off the event loop; a cancelled caller does not cancel it. None if the database failed
-        (then the reservation stays held until a restart releases it, and the error is logged)."""
+        (then the settle is tried again at every heartbeat, and the error is logged)."""
         return await self._shielded(self._settle_retrying(reservation, usage, endpoint))
 
     async def _shielded(self, work) -> Any:
@@ -117,15 +124,37 @@ class Meter:
         for attempt in range(3):
             try:
                 return await self.db.run(sql.settle, reservation, usage, endpoint=endpoint)
-            except OperationalError:
+            except IntegrityError:  # its usage record exists: an earlier try committed (its answer was lost)
+                return None
+            except (OperationalError, InterfaceError):
                 if attempt == 2:
-                    log.exception("could not settle reservation %s", reservation.id)
+                    # The database is away. Keep the usage and try again at every heartbeat: the reservation
+                    # must not stay locked, nor the computed tokens go uncharged, for as long as this process lives.
+                    log.exception("could not settle reservation %s; retrying at every heartbeat", reservation.id)
+                    self._unsettled.append((reservation, usage, endpoint))
                     return None
                 await asyncio.sleep(0.2 * (attempt + 1))
             except Exception:
                 log.exception("could not settle reservation %s", reservation.id)
                 return None
         return None
+
+    async def retry_unsettled(self) -> int:
+        """Settle what the database could not take earlier; returns how many still wait for it."""
+        pending, self._unsettled = self._unsettled, []
+        for reservation, usage, endpoint in pending:
+            try:
+                await self.db.run(sql.settle, reservation, usage, endpoint=endpoint)
+            except IntegrityError:
+                pass  # settled after all
+            except (OperationalError, InterfaceError):
+                self._unsettled.append((reservation, usage, endpoint))
+            except Exception:
+                log.exception("could not settle reservation %s", reservation.id)
+        if pending:
+            log.warning("settled %d delayed request(s); %d still wait for the database",
+                        len(pending) - len(self._unsettled), len(self._unsettled))
+        return len(self._unsettled)
 
     async def release(self, reservation: Reservation) -> int:
         return await self._shielded(self.db.run(sql.release, reservation))
@@ -188,6 +217,10 @@ class Charge:
         total.status = "error" if "error" in statuses else "aborted" if statuses else "ok"
         return total
 
+    def all_finished(self) -> bool:
+        """Every choice of every prompt has had its final delta: nothing more will be computed."""
+        return all(choice.final is not None for choices in self._choices for choice in choices)
+
     async def stream_closed(self) -> None:
         self._num_open -= 1
         if self._num_open <= 0:
@@ -232,6 +265,10 @@ class MeteredStream:
             await self.aclose()
             raise
         self._charge.observe(self._group, index, delta)
+        if delta.finish_reason is not None and self._charge.all_finished():
+            # Settle before the last delta reaches the client: once a client has seen a request end, its
+            # usage is committed, so a crash (kill -9) right after cannot lose a completed request's charge.
+            await self._charge.settle()
         return index, delta
 
     async def aclose(self) -> None:

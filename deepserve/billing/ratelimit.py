@@ -85,6 +85,7 @@ def admit(conn: Connection, key_id: int, rpm: int | None, tpm: int | None, num_t
             f"limit of {tpm} tokens per minute: lower max_tokens or shorten the prompt."
         )
         error.headers.update(RateState(rpm, tpm, (rpm or 0) * UNITS, tpm * UNITS).headers())
+        error.headers["x-should-retry"] = "false"  # it never fits: SDKs must not retry it (see reservations.py)
         raise error
     _ensure_bucket(conn, key_id, rpm, tpm, now_ms)
     values: dict = {"updated_ms": sa.case((buckets.c.updated_ms > now_ms, buckets.c.updated_ms),

@@ -48,6 +48,7 @@ ledger = LedgerEntry.__table__
 instances = Instance.__table__
 idempotency = IdempotencyRecord.__table__
 
+NO_RETRY_HEADER = "x-should-retry"  # the Stainless SDKs' own header: "false" stops their automatic retries
 HEARTBEAT_S = 10
 STALE_AFTER_S = 60  # a process elsewhere that has not beaten for this long is taken for dead
 
@@ -144,6 +145,9 @@ def reserve(
                 f"{dollars(available)} USD available. Add credits, or lower max_tokens."
             )
             error.available_nanodollars = available  # type: ignore[attr-defined]  (x-remaining-credits)
+            # Retrying cannot help until credits are added. Workers AI answers this with a 429, which the
+            # Stainless SDKs (openai, cloudflare) would retry at once; this header, which they read, says not to.
+            error.headers[NO_RETRY_HEADER] = "false"
             raise error  # rolls back the rate-limit take too
         reservation_id = uuid.uuid4().hex
         conn.execute(sa.insert(reservations).values(

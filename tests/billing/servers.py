@@ -40,6 +40,7 @@ class Billed:
     """A server with billing on, seen by its operator."""
 
     running: RunningServer
+    db_url: str | None = None  # the server's billing database, for checks below the API (the ledger sum)
 
     @property
     def url(self) -> str:
@@ -77,6 +78,28 @@ class Billed:
             r = admin.get("/admin/usage", params={"account": account})
             assert r.status_code == 200, r.text
             return r.json()["data"]
+
+    def check_ledger(self, account: str) -> None:
+        """The account's balance is the sum of its ledger rows, read from the database itself."""
+        from deepserve.billing import accounts, db
+
+        assert self.db_url is not None
+        engine = db.create_db_engine(self.db_url, pool_size=1)
+        try:
+            info = accounts.get_account(engine, account)
+            assert accounts.check_ledger(engine, info.id) == (info.balance, info.balance)
+        finally:
+            engine.dispose()
+
+    def engine_counters(self, timeout_s: float = 60) -> dict[str, int]:
+        """The engine's counters once it is idle (an earlier test's aborted stream may still be finishing)."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while True:
+                (stats,) = http.get("/health").json()["engines"]
+                if (stats["num_running"] == 0 and stats["num_waiting"] == 0) or time.monotonic() > deadline:
+                    return {k: stats[k] for k in ("num_requests_finished", "num_prompt_tokens",
+                                                  "num_generated_tokens")}
 
     def wait_for_usage(self, account: str, num_requests: int, timeout_s: float = 60) -> list[dict[str, Any]]:
         """Usage is settled when a stream closes on the server, which a client that hung up cannot watch:

@@ -92,4 +92,13 @@ def test_prices_set_list_unset(db_url):
     assert (set_["input"], set_["cached_input"], set_["output"]) == (140_000_000, 140_000_000, 280_000_000)
     rows = {r["model"]: r for r in json.loads(deepserve("prices", "list", "--json", url=db_url))}
     assert rows["my-model"]["source"] == "operator" and rows["deepseek-ai/DeepSeek-R1"]["source"] == "catalog"
+    math = rows["deepseek-ai/deepseek-math-7b-instruct"]  # Dataoorts' $0.10 / $0.11 per million tokens
+    assert (math["source"], math["input"], math["cached_input"], math["output"]) == (
+        "catalog", 100_000_000, 100_000_000, 110_000_000)
+    # An override by an alias is the model's price (what its requests are charged), listed on its row.
+    deepserve("prices", "set", "deepseek-math-7b-instruct", "--input", "0.2", "--output", "0.3", url=db_url)
+    rows = {r["model"]: r for r in json.loads(deepserve("prices", "list", "--json", url=db_url))}
+    math = rows["deepseek-ai/deepseek-math-7b-instruct"]
+    assert (math["source"], math["input"], math["output"]) == ("operator", 200_000_000, 300_000_000)
+    assert "deepseek-math-7b-instruct" not in rows
     assert "removed" in deepserve("prices", "unset", "my-model", url=db_url)

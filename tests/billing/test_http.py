@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from deepserve.billing.money import cost, dollars, TokenPrices
+from deepserve.billing.money import cost, dollars, parse_dollars, TokenPrices
 from tests.billing.servers import (
     ADMIN_KEY,
     OPERATOR_KEY,
@@ -34,8 +34,9 @@ DIALECTS = list(REFUSED_STATUS)
 @pytest.fixture(scope="module")
 def billed(tmp_path_factory) -> Billed:
     folder = tmp_path_factory.mktemp("billing-http")
-    running = start_billing_server(f"sqlite:///{folder / 'billing.db'}")
-    server = Billed(running)
+    url = f"sqlite:///{folder / 'billing.db'}"
+    running = start_billing_server(url)
+    server = Billed(running, db_url=url)
     server.set_price()
     yield server
     running.stop()
@@ -50,6 +51,7 @@ def charge_of(usage: dict, prices: TokenPrices = PRICES) -> int:
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_an_empty_balance_is_refused_in_each_dialects_own_way_before_generating(billed, dialect):
     key = billed.new_key(f"broke-{dialect}")
+    engine_before = billed.engine_counters()
     with httpx.Client(base_url=billed.url, timeout=60) as http:
         r = http.request(**dialect_request(dialect, billed.model, key))
         assert_refused(dialect, r)
@@ -59,6 +61,7 @@ def test_an_empty_balance_is_refused_in_each_dialects_own_way_before_generating(
         assert_refused(dialect, streamed)  # a stream is refused before its first byte, with a status
     assert billed.usage(f"broke-{dialect}") == []
     assert billed.account(f"broke-{dialect}")["reserved_nanodollars"] == 0
+    assert billed.engine_counters() == engine_before  # the engine never saw the refused requests
 
 
 def test_the_openai_sdk_sees_deepseeks_402(billed):
@@ -151,6 +154,7 @@ def test_200_concurrent_requests_never_overspend_and_the_ledger_equals_the_usage
     assert sum(r["cost_nanodollars"] for r in rows) == charged
     assert sum(r["num_prompt_tokens"] for r in rows) == num_prompt
     assert sum(r["num_completion_tokens"] for r in rows) == num_completion
+    billed.check_ledger("crowd")  # the balance is still the sum of its ledger rows
 
 
 def test_a_retry_with_the_same_idempotency_key_gets_the_identical_body_and_is_charged_once(billed):
@@ -288,3 +292,234 @@ def test_the_admin_api_needs_the_admin_key(billed):
         prices = admin.get("/admin/prices").json()
         assert prices["served"][0] == {"model": billed.model, "source": "operator", "unit":
                                        "nanodollars_per_million_tokens", **PRICE}
+
+
+# ---- clients that retry: the openai SDK retries 408/409/429/5xx ----------------------------------------
+class LoseFirstAnswer(httpx.BaseTransport):
+    """The server answers, but the answer is lost on the way back (a proxy's 502): the SDK retries. The first
+    attempt of each Idempotency-Key (or of each call without one) is lost; what the server sent is kept."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.HTTPTransport()
+        self.lost: list[bytes] = []
+        self.sent: list[httpx.Request] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(request)
+        response = self._inner.handle_request(request)
+        if request.headers.get("x-stainless-retry-count", "0") != "0":
+            return response
+        response.read()
+        response.close()
+        self.lost.append(response.content)
+        return httpx.Response(502, json={"error": {"message": "bad gateway"}}, request=request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _sse_payloads(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.decode().splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_the_openai_sdk_retrying_a_lost_answer_with_an_idempotency_key_gets_it_and_pays_once(billed):
+    granted = 10**9
+    key = billed.new_key("sdk-retrier", granted)
+    transport = LoseFirstAnswer()
+    client = openai.OpenAI(base_url=billed.url + "/v1", api_key=key, max_retries=2,
+                           http_client=httpx.Client(transport=transport, timeout=60))
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    answer = client.chat.completions.create(model=billed.model, messages=messages, max_tokens=8, temperature=1.0,
+                                            extra_headers={"Idempotency-Key": "sdk-once"})
+    lost = json.loads(transport.lost[0])
+    assert [r.headers["idempotency-key"] for r in transport.sent] == ["sdk-once", "sdk-once"]  # one SDK retry
+    assert answer.id == lost["id"] and answer.choices[0].message.content == lost["choices"][0]["message"]["content"]
+    chunks = list(client.chat.completions.create(
+        model=billed.model, messages=messages, max_tokens=8, temperature=1.0, stream=True,
+        stream_options={"include_usage": True}, extra_headers={"Idempotency-Key": "sdk-stream"}))
+    lost_stream = _sse_payloads(transport.lost[1])
+    assert [c.id for c in chunks] == [e["id"] for e in lost_stream] and len(transport.sent) == 4
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in lost_stream if e["choices"])
+    charged = charge_of(answer.usage.model_dump()) + charge_of(chunks[-1].usage.model_dump())
+    assert sum(r["num_requests"] for r in billed.usage("sdk-retrier")) == 2  # one generation each, not two
+    account = billed.account("sdk-retrier")
+    assert (account["balance_nanodollars"], account["reserved_nanodollars"]) == (granted - charged, 0)
+    # Control: without the header the same lost answer is generated (and charged) again.
+    client.chat.completions.create(model=billed.model, messages=messages, max_tokens=8)
+    assert sum(r["num_requests"] for r in billed.usage("sdk-retrier")) == 4
+    client.close()
+
+
+def test_concurrent_duplicates_and_sdk_retries_never_overspend_and_each_key_pays_once(billed, flat_prompt_price):
+    """50 requests, each sent twice at once with one Idempotency-Key, against a balance for about 10: the
+    loser of each pair gets 409 and the SDK retries it until it gets the winner's answer (or a refusal)."""
+    probe = billed.new_key("dup-probe", 10**9)
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        body = http.request(**dialect_request("openai", billed.model, probe)).json()
+    worst = cost(FLAT, num_prompt=body["usage"]["prompt_tokens"], num_cached=0, num_completion=4)
+    granted = 10 * worst
+    key = billed.new_key("dup-crowd", granted)
+
+    async def burst() -> list[object]:
+        client = openai.AsyncOpenAI(base_url=billed.url + "/v1", api_key=key, max_retries=8, timeout=300)
+
+        async def one(i: int):
+            try:
+                return await client.chat.completions.create(
+                    model=billed.model, messages=[{"role": "user", "content": "Hi!"}], max_tokens=4, temperature=0,
+                    extra_headers={"Idempotency-Key": f"dup-{i // 2}"})
+            except openai.APIStatusError as error:
+                return error
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(100)))
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(burst())
+    ids_by_key: dict[int, set[str]] = {}
+    usage_by_id: dict[str, dict] = {}
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, openai.APIStatusError):
+            # refused (and not retried: 402 is final), or still in flight after every retry
+            assert outcome.status_code in (402, 409), outcome
+            if outcome.status_code == 402:
+                assert outcome.body["message"].startswith("Insufficient Balance")
+            continue
+        ids_by_key.setdefault(i // 2, set()).add(outcome.id)
+        usage_by_id[outcome.id] = outcome.usage.model_dump()
+    assert all(len(ids) == 1 for ids in ids_by_key.values())  # a key's answers are one generation
+    assert len(usage_by_id) >= 10
+    charged = sum(charge_of(u, FLAT) for u in usage_by_id.values())
+    rows = billed.usage("dup-crowd")
+    assert sum(r["num_requests"] for r in rows) == len(usage_by_id)  # one charge per generation
+    assert sum(r["cost_nanodollars"] for r in rows) == charged
+    account = billed.account("dup-crowd")
+    assert account["reserved_nanodollars"] == 0 and 0 <= account["balance_nanodollars"] == granted - charged
+    billed.check_ledger("dup-crowd")
+
+
+def test_cached_prompt_tokens_are_charged_at_the_cached_price(billed):
+    granted = 10**9
+    key = billed.new_key("cache-user", granted)
+    client = openai.OpenAI(base_url=billed.url + "/v1", api_key=key, max_retries=0)
+    system = {"role": "system", "content": "You answer in one word. " * 20}
+    first = client.chat.completions.create(model=billed.model, messages=[system, {"role": "user", "content": "Hi"}],
+                                           max_tokens=2)
+    second = client.chat.completions.create(model=billed.model, max_tokens=2,
+                                            messages=[system, {"role": "user", "content": "Hello there"}])
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 100 < cached < second.usage.prompt_tokens
+    charges = [charge_of(r.usage.model_dump()) for r in (first, second)]
+    full_price = cost(FLAT, num_prompt=second.usage.prompt_tokens, num_cached=0,
+                      num_completion=second.usage.completion_tokens)
+    assert charges[1] == full_price - cached * (PRICE["input"] - PRICE["cached_input"]) // 1_000_000
+    (row,) = billed.usage("cache-user")
+    assert row["num_cached_tokens"] == cached + first.usage.prompt_tokens_details.cached_tokens
+    assert row["cost_nanodollars"] == sum(charges)
+    assert billed.account("cache-user")["balance_nanodollars"] == granted - sum(charges)
+    client.close()
+
+
+def test_every_segmind_answer_carries_x_remaining_credits(billed):
+    granted = 10**9
+    key = billed.new_key("seg-headers", granted)
+    limited = billed.new_key("seg-limited", granted, rpm_limit=1)
+    broke = billed.new_key("seg-broke")
+    narrow = billed.new_key("seg-narrow", granted, allowed_models=["deepseek-r1-32b"])
+    messages = [{"role": "user", "content": "Hi"}]
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        def seg(api_key: str | None, *, method: str = "POST", slug: str = "deepseek-reasoner", **kwargs):
+            headers = {"x-api-key": api_key} if api_key else {}
+            return http.request(method, f"/v1/{slug}", headers={**headers, **kwargs.pop("headers", {})}, **kwargs)
+
+        ok = seg(key, json={"messages": messages, "max_tokens": 3})
+        assert ok.status_code == 200
+        after = granted - charge_of(ok.json()["usage"])
+        assert ok.headers["x-remaining-credits"] == dollars(after)  # the balance after this call
+        streamed = seg(key, json={"messages": messages, "max_tokens": 3, "stream": True})
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+        answers = {
+            "stream": streamed,
+            "no key": seg(None, json={"messages": messages}),
+            "bad key": seg("ds-" + "x" * 43, json={"messages": messages}),
+            "bearer only": http.post("/v1/deepseek-reasoner", headers={"Authorization": f"Bearer {key}"},
+                                     json={"messages": messages}),
+            "unknown slug": seg(key, slug="no-such-model", json={"messages": messages}),
+            "wrong method": seg(key, method="GET"),
+            "invalid": seg(key, json={"messages": messages, "max_tokens": -1}),
+            "not json": seg(key, content=b"{", headers={"content-type": "application/json"}),
+            "broke": seg(broke, json={"messages": messages}),
+            "other model": seg(narrow, json={"messages": messages}),
+        }
+        idem = {"Idempotency-Key": "seg-h"}
+        answers["idempotent"] = seg(key, json={"messages": messages, "max_tokens": 1}, headers=idem)
+        answers["idempotency mismatch"] = seg(key, json={"messages": messages, "max_tokens": 2}, headers=idem)
+        answers["one a minute"] = seg(limited, json={"messages": messages, "max_tokens": 1})
+        answers["rate limited"] = seg(limited, json={"messages": messages, "max_tokens": 1})
+    statuses = {name: r.status_code for name, r in answers.items()}
+    assert statuses == {"stream": 200, "no key": 401, "bad key": 401, "bearer only": 401, "unknown slug": 404,
+                        "wrong method": 405, "invalid": 400, "not json": 400, "broke": 406, "other model": 403,
+                        "idempotent": 200, "idempotency mismatch": 422, "one a minute": 200, "rate limited": 429}
+    assert answers["rate limited"].headers["retry-after"] and answers["rate limited"].headers[
+        "x-ratelimit-remaining-requests"] == "0"
+    for name, r in answers.items():
+        assert "x-remaining-credits" in r.headers, name
+        parse_dollars(r.headers["x-remaining-credits"])  # an exact decimal amount
+        if r.status_code != 200:
+            assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), name
+    assert answers["broke"].headers["x-remaining-credits"] == "0.00"
+    assert answers["no key"].headers["x-remaining-credits"] == "0"  # nobody to ask about
+
+
+def test_an_expired_key_gets_401_in_every_dialect_and_is_never_echoed(billed):
+    with billed.admin() as admin:
+        r = admin.post("/admin/keys", json={"account": "expired", "expires_at": "2020-01-01T00:00:00Z"})
+        assert r.status_code == 201 and r.json()["state"] == "expired"
+        key = r.json()["key"]
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        for dialect in DIALECTS:
+            r = http.request(**dialect_request(dialect, billed.model, key))
+            assert r.status_code == 401, (dialect, r.text)
+            assert "expired" in r.text and key not in r.text and key[10:] not in r.text
+
+
+class Counting(httpx.BaseTransport):
+    def __init__(self) -> None:
+        self._inner = httpx.HTTPTransport()
+        self.num_sent = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.num_sent += 1
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_sdks_that_retry_do_not_retry_a_refusal_that_cannot_succeed(billed):
+    """Workers AI answers an exhausted balance with 429 (code 3036), which the cloudflare SDK would retry;
+    `x-should-retry: false` (the Stainless SDKs' header) stops it. The same for a request above a key's tokens
+    per minute. A refused request changes nothing, however often it comes."""
+    import cloudflare
+
+    key = billed.new_key("no-retry")
+    counting = Counting()
+    cf = cloudflare.Cloudflare(api_token=key, base_url=billed.url + "/client/v4", max_retries=2,
+                               http_client=httpx.Client(transport=counting, timeout=60))
+    with pytest.raises(cloudflare.RateLimitError) as refused:
+        cf.ai.run(f"@cf/{billed.model}", account_id="any", prompt="Hi!", max_tokens=4)
+    assert refused.value.body["errors"][0]["code"] == 3036 and counting.num_sent == 1
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    tight = billed.new_key("tight", 10**9, tpm_limit=50)
+    counting = Counting()
+    client = openai.OpenAI(base_url=billed.url + "/v1", api_key=tight, max_retries=2,
+                           http_client=httpx.Client(transport=counting, timeout=60))
+    with pytest.raises(openai.RateLimitError) as too_big:
+        client.chat.completions.create(model=billed.model, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=100)
+    assert "more than this key's limit of 50 tokens per minute" in too_big.value.message and counting.num_sent == 1
+    assert billed.usage("no-retry") == billed.usage("tight") == []
+    assert billed.account("tight")["reserved_nanodollars"] == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import httpx
 
@@ -44,7 +45,17 @@ def test_a_server_killed_mid_stream_leaves_no_open_reservation_after_restart(tmp
                 engine = db.create_db_engine(url)
                 victim = accounts.get_account(engine, "victim")
                 assert victim.reserved > 0 and len(reservations.open_reservations(engine)) == 1
-                first.running.process.send_signal(signal.SIGKILL)
+                # A short stream ends while the long one runs: once the client has seen its end, its charge
+                # is committed, even if the server dies the next instant.
+                short = {**body, "max_tokens": 3, "ignore_eos": True}
+                with http.stream("POST", "/v1/chat/completions", json=short,
+                                 headers={"Authorization": f"Bearer {done_key}"}) as done_stream:
+                    for line in done_stream.iter_lines():
+                        if '"finish_reason":"length"' in line:
+                            break  # the end of the answer, before [DONE]
+                    else:
+                        raise AssertionError("the short stream never finished")
+                    first.running.process.send_signal(signal.SIGKILL)
                 first.running.process.wait()
     finally:
         first.running.stop()
@@ -56,7 +67,10 @@ def test_a_server_killed_mid_stream_leaves_no_open_reservation_after_restart(tmp
         assert (victim.balance, victim.reserved) == (10**9, 0)  # nothing settled, nothing lost, nothing locked
         assert accounts.check_ledger(engine, victim.id) == (10**9, 10**9)
         settled = accounts.get_account(engine, "settled")
-        assert settled.balance == 10**9 - second.usage("settled")[0]["cost_nanodollars"] < 10**9  # kept
+        (kept,) = second.usage("settled")
+        assert kept["num_requests"] == 2 and kept["num_completion_tokens"] == ok.json()["usage"]["completion_tokens"] + 3
+        assert settled.balance == 10**9 - kept["cost_nanodollars"] < 10**9  # both completed requests kept
+        assert accounts.check_ledger(engine, settled.id) == (settled.balance, settled.balance)
         with httpx.Client(base_url=second.url, timeout=60) as http:
             assert http.request(**dialect_request("openai", second.model, key)).status_code == 200
     finally:
@@ -133,6 +147,24 @@ def test_two_servers_on_one_postgresql_never_overspend_one_balance():
         engine = db.create_db_engine(PG_URL)
         assert accounts.check_ledger(engine, account["id"]) == (account["balance_nanodollars"],) * 2
         engine.dispose()
+
+        # One key's rate limit holds across both servers: 2 requests a minute, 8 sent at once, half to each.
+        limited = servers[0].new_key("limited-shared", 10**9, rpm_limit=2)
+        burst = [dialect_request("openai", servers[0].model, limited, max_tokens=1) for _ in range(8)]
+
+        async def both_limited() -> list[list[httpx.Response]]:
+            return await asyncio.gather(fire(servers[0].url, burst[:4]), fire(servers[1].url, burst[4:]))
+
+        started = time.monotonic()
+        answers = [r for half in asyncio.run(both_limited()) for r in half]
+        refills = int((time.monotonic() - started) * 2 / 60)  # the bucket refills 2 a minute
+        served = [r for r in answers if r.status_code == 200]
+        limited_answers = [r for r in answers if r.status_code != 200]
+        assert 2 <= len(served) <= 2 + refills
+        for r in limited_answers:
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+            assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-limit-requests"] == "2"
+        assert sum(r["num_requests"] for r in servers[1].usage("limited-shared")) == len(served)
     finally:
         for server in servers:
             server.running.stop()

@@ -272,3 +272,34 @@ def test_idempotency_claims_one_winner_then_replays_the_stored_answer(engine):
     assert idempotency.claim(engine, "other-caller", "k", "fp", "i2") == "claimed"
     idempotency.abandon(engine, "other-caller", "k")
     assert idempotency.claim(engine, "other-caller", "k", "fp", "i2") == "claimed"
+
+
+def test_a_refusal_for_the_balance_takes_nothing_from_the_rate_limit(engine):
+    account_id = accounts.ensure_account(engine, "lou")
+    _, info = keys.create_key(engine, account_id, rpm_limit=1, tpm_limit=1000)
+    go = dict(key_id=info.id, rpm=1, tpm=1000, num_prompt=100, max_completion=100, now_ms=0)
+    with pytest.raises(InsufficientBalanceError) as refused:
+        reserve(engine, account_id, **go)
+    assert refused.value.headers["x-should-retry"] == "false"  # SDKs must not retry it: nothing will change
+    assert count(engine, "rate_buckets") == 0 and count(engine, "reservations") == 0
+    accounts.grant(engine, account_id, 10**9)
+    held = reserve(engine, account_id, **go)  # the one request of this minute is still there
+    assert held.rate_headers["x-ratelimit-remaining-requests"] == "0"
+    assert held.rate_headers["x-ratelimit-remaining-tokens"] == "800"
+
+
+def test_sqlite_runs_in_wal_mode_and_the_database_url_comes_from_the_environment(tmp_path, monkeypatch):
+    from deepserve.config import Settings
+
+    sqlite = db.create_db_engine(f"sqlite:///{tmp_path / 'wal.db'}")
+    with sqlite.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: a settle survives a power cut
+    sqlite.dispose()
+    monkeypatch.delenv("DEEPSERVE_DATABASE_URL", raising=False)
+    monkeypatch.setenv("DEEPSERVE_DATA_DIR", str(tmp_path))
+    assert Settings().resolved_database_url == f"sqlite:///{tmp_path / 'deepserve.db'}"
+    monkeypatch.setenv("DEEPSERVE_DATABASE_URL", "postgresql+psycopg://ds:pw@db.internal:5432/billing")
+    assert Settings().resolved_database_url == "postgresql+psycopg://ds:pw@db.internal:5432/billing"
+    assert db.describe(Settings().resolved_database_url) == "postgresql+psycopg://ds:***@db.internal:5432/billing"
+    assert db.create_db_engine("postgresql://ds:pw@db.internal/billing").dialect.driver == "psycopg"

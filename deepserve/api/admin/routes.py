@@ -121,10 +121,10 @@ async def list_prices(request: Request) -> dict[str, Any]:
     served = []
     for model in getattr(request.app.state, "models", []):
         catalog = model.catalog.prices if model.catalog else None
-        own = overrides.get(model.model_id)
-        price = own or (TokenPrices(catalog.input, catalog.cached_input, catalog.output) if catalog else TokenPrices())
-        served.append({"model": model.model_id, "source": "operator" if own else "catalog" if catalog else "free",
-                       **_price_json(price)})
+        names = (model.model_id, *(n for n in (model.catalog.names if model.catalog else ()) if n != model.model_id))
+        price, source = accounts.resolve_price(
+            overrides, names, TokenPrices(catalog.input, catalog.cached_input, catalog.output) if catalog else None)
+        served.append({"model": model.model_id, "source": source, **_price_json(price)})
     return {"served": served, "overrides": {m: _price_json(p) for m, p in overrides.items()}}
 
 
