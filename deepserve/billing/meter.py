@@ -25,7 +25,7 @@ from deepserve.billing import reservations as sql
 from deepserve.billing.db import Database
 from deepserve.billing.money import TokenPrices
 from deepserve.billing.reservations import Reservation, Usage
-from deepserve.engine.types import FinishReason, TokenDelta
+from deepserve.engine.types import FinishReason, TokenDelta, count_choices
 from deepserve.errors import PermissionDeniedError
 
 log = logging.getLogger(__name__)
@@ -203,13 +203,13 @@ class Charge:
         total = Usage()
         statuses = set()
         for num_prompt, choices in zip(self._prompt_lengths, self._choices):
-            finals = [c.final for c in choices if c.final is not None]
-            total.num_prompt += finals[0].num_prompt_tokens if finals else num_prompt
-            total.num_cached += max((f.num_cached_tokens for f in finals), default=0)
+            counts = count_choices(num_prompt, choices)
+            total.num_prompt += counts.num_prompt
+            total.num_cached += counts.num_cached
+            total.num_completion += counts.num_completion
+            total.num_reasoning += counts.num_reasoning
             for choice in choices:
                 final = choice.final
-                total.num_completion += final.num_generated_tokens if final is not None else choice.num_delivered
-                total.num_reasoning += int(getattr(final, "num_reasoning_tokens", 0) or 0) if final else 0
                 if final is None or final.finish_reason == FinishReason.ABORT:
                     statuses.add("aborted")
                 elif final.finish_reason == FinishReason.ERROR:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -183,3 +184,26 @@ class TokenDelta:
     def num_tokens(self) -> int:
         """Generated tokens this delta delivers (what billing counts for a stream cut short)."""
         return len(self.token_ids) if self.token_count is None else self.token_count
+
+
+@dataclass(slots=True)
+class TokenCounts:
+    num_prompt: int = 0
+    num_cached: int = 0
+    num_completion: int = 0  # reasoning tokens included
+    num_reasoning: int = 0
+
+
+def count_choices(num_prompt: int, choices: Iterable[Any]) -> TokenCounts:
+    """Tokens of one prompt's n choices as usage counts them (billing and metrics alike): the engine's final
+    counts where a choice finished, else the prompt and the tokens delivered so far. The prompt (and its cache
+    hit) counts once for its n choices, as the usage the client sees counts it. `choices`: objects with
+    `final` (the finishing TokenDelta or None) and `num_delivered`."""
+    choices = list(choices)
+    finals = [c.final for c in choices if c.final is not None]
+    return TokenCounts(
+        num_prompt=finals[0].num_prompt_tokens if finals else num_prompt,
+        num_cached=max((f.num_cached_tokens for f in finals), default=0),
+        num_completion=sum(c.final.num_generated_tokens if c.final is not None else c.num_delivered for c in choices),
+        num_reasoning=sum(f.num_reasoning_tokens for f in finals),
+    )

@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepserve.engine.types import TokenDelta
+from deepserve.engine.types import TokenDelta, count_choices
 from deepserve.observability import metrics
 
 request_log = logging.getLogger("deepserve.requests")
@@ -117,7 +117,7 @@ class ObservedStream:
     def _observe(self, index: int, delta: TokenDelta) -> None:
         record = self._record
         choice = self._choices[index]
-        num_tokens = len(delta.token_ids)
+        num_tokens = delta.num_tokens  # an upstream engine streams text: its deltas count without ids
         if num_tokens:
             now = time.perf_counter()
             if record.first_token_at is None:
@@ -147,19 +147,15 @@ class ObservedStream:
         """Tokens as usage counts them: the engine's final counts, else the prompt and what was delivered."""
         record = self._record
         labels = (record.model, record.dialect)
-        finals = [c.final for c in self._choices if c.final is not None]
-        num_prompt = finals[0].num_prompt_tokens if finals else self._num_prompt
-        num_cached = max((f.num_cached_tokens for f in finals), default=0)
-        num_completion = sum(c.final.num_generated_tokens if c.final else c.num_delivered for c in self._choices)
-        num_reasoning = sum(f.num_reasoning_tokens for f in finals)
-        record.num_prompt += num_prompt
-        record.num_cached += num_cached
-        record.num_completion += num_completion
-        record.num_reasoning += num_reasoning
-        metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
-        metrics.CACHED_PROMPT_TOKENS.labels(*labels).inc(num_cached)
-        metrics.GENERATION_TOKENS.labels(*labels).inc(num_completion)
-        metrics.REASONING_TOKENS.labels(*labels).inc(num_reasoning)
+        counts = count_choices(self._num_prompt, self._choices)
+        record.num_prompt += counts.num_prompt
+        record.num_cached += counts.num_cached
+        record.num_completion += counts.num_completion
+        record.num_reasoning += counts.num_reasoning
+        metrics.PROMPT_TOKENS.labels(*labels).inc(counts.num_prompt)
+        metrics.CACHED_PROMPT_TOKENS.labels(*labels).inc(counts.num_cached)
+        metrics.GENERATION_TOKENS.labels(*labels).inc(counts.num_completion)
+        metrics.REASONING_TOKENS.labels(*labels).inc(counts.num_reasoning)
         for choice in self._choices:
             reason = choice.final.finish_reason.value if choice.final and choice.final.finish_reason else "abort"
             record.finish_reasons.append(reason)
