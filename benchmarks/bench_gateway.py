@@ -5,9 +5,11 @@ one run. Reports output tokens per second and time to first token, medians over 
     .venv/bin/python benchmarks/bench_gateway.py                       # 3 rounds, 8 streams, 64 tokens
     .venv/bin/python benchmarks/bench_gateway.py --rounds 5 --streams 8 --max-tokens 128
 
-All on 127.0.0.1 and the bundled model. On a 2-core machine the gateway's own CPU competes with the
-upstream's decoding, so the figure there is an upper bound of the hop's cost on a real deployment, where
-the engines run on GPUs elsewhere.
+All on 127.0.0.1 and the bundled model. By default (`--cores shared`) every process may use every core, so
+on a small machine the gateway's own CPU competes with the upstream's decoding: an upper bound of the hop's
+cost. `--cores split` pins the upstream (with one llama.cpp thread per core it gets) to the first half of
+the cores and the gateway and the load generator to the rest, as in a real deployment where the engines run
+on GPUs elsewhere and the gateway's CPU is its own; the direct path is measured under the same pinning.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,9 +37,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--cores", choices=["shared", "split"], default="shared")
     args = parser.parse_args()
 
-    upstream = start_server("--no-auth", "--parallel", str(args.streams), "--ctx-size", "1024", api_key=None)
+    cores = sorted(os.sched_getaffinity(0))
+    upstream_cores, gateway_cores = (cores[: len(cores) // 2], cores[len(cores) // 2:]) if args.cores == "split" else (cores, cores)
+    if not upstream_cores:
+        parser.error("--cores split needs at least 2 cores")
+    # Children inherit this process's CPU affinity when they start: set it before each start.
+    os.sched_setaffinity(0, upstream_cores)
+    upstream = start_server("--no-auth", "--parallel", str(args.streams), "--ctx-size", "1024", api_key=None,
+                            threads=len(upstream_cores))
+    os.sched_setaffinity(0, gateway_cores)
+    print(f"cores: upstream {upstream_cores}, gateway and load generator {gateway_cores}", flush=True)
     gateway = None
     try:
         config = Path(tempfile.mkdtemp()) / "models.yaml"
@@ -65,7 +78,7 @@ def main() -> None:
         summary[name] = (statistics.median(r.tok_per_s for r in runs),
                          statistics.median(pct(r.ttft_s, 50) for r in runs),
                          statistics.median(pct(r.itl_s, 50) for r in runs))
-    print(f"\n{args.streams} streams x {args.max_tokens} tokens, medians of {args.rounds} rounds")
+    print(f"\n{args.streams} streams x {args.max_tokens} tokens, medians of {args.rounds} rounds, --cores {args.cores}")
     print("| path | output tok/s | TTFT p50 | ITL p50 |\n| --- | ---: | ---: | ---: |")
     for name, (tps, ttft, itl) in summary.items():
         print(f"| {name} | {tps:.1f} | {ttft * 1000:.1f} ms | {itl * 1000:.1f} ms |")

@@ -48,16 +48,32 @@ async def with_keepalive(events: AsyncIterator[bytes], interval_s: float) -> Asy
     task = asyncio.create_task(pump())
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=interval_s)
-            except TimeoutError:
-                yield comment()
-                continue
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(interval_s):  # no task per event, unlike wait_for on 3.11
+                        item = await queue.get()
+                except TimeoutError:
+                    yield comment()
+                    continue
+            else:
+                item = queue.get_nowait()
+            # Send the events that are ready together: one write (one syscall, one TCP segment) rather than
+            # one each, e.g. the last token, the usage chunk and [DONE] of a finished stream.
+            batch: list[bytes] = []
+            while isinstance(item, bytes):
+                batch.append(item)
+                if queue.empty():
+                    item = None
+                    break
+                item = queue.get_nowait()
+            if batch:
+                yield batch[0] if len(batch) == 1 else b"".join(batch)
             if item is _END:
                 return
             if isinstance(item, Exception):
                 raise item
-            yield item  # type: ignore[misc]
+            if item is not None:  # an event given as str: as it is
+                yield item  # type: ignore[misc]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -181,6 +181,7 @@ class RemoteEngine:
             self.router.started(state)
             events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=64)
             reader = _spawn(self._read(self.spec.upstreams[state.index], path, body, events))
+            completed = False
             try:
                 status, detail = await _next(events)
                 if status != 200:
@@ -191,6 +192,7 @@ class RemoteEngine:
                 while True:
                     payload = await _next(events)
                     if payload == "[DONE]":
+                        completed = True  # the reader finishes the body itself, so its connection is reused
                         final = translator.done()
                         self.router.succeeded(state)
                         self._export_health(state)
@@ -222,7 +224,8 @@ class RemoteEngine:
                 log.warning("upstream %s failed a request of %s before its first token (%s); trying another",
                             state.name, self.model_id, reason)
             finally:
-                reader.cancel()  # closes the upstream connection when it is still open: the upstream aborts
+                if not completed:
+                    reader.cancel()  # closes the upstream connection when it is still open: the upstream aborts
                 self.router.ended(state)
         message = (f"No upstream of {self.model_id} could take the request "
                    f"({len(tried)} tried of {len(self.router.upstreams)}"
@@ -251,9 +254,17 @@ class RemoteEngine:
                     await events.put(("status", (response.status_code, await response.aread())))
                     return
                 await events.put(("status", (200, b"")))
-                async for payload in _sse_payloads(response):
+                payloads = _sse_payloads(response)
+                async for payload in payloads:
                     await events.put(("data", payload))
                     if payload == "[DONE]":
+                        # Read the body to its end (the chunked terminator follows [DONE] at once): httpx
+                        # returns a fully read connection to its pool, whereas leaving here would close it
+                        # and make the next request pay a new TCP connection (measured: ~5 ms of TTFT).
+                        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+                            async with asyncio.timeout(self.spec.timeouts.connect_s):
+                                async for _ in payloads:
+                                    pass
                         return
             await events.put(("end", None))
         except httpx.HTTPError as exc:
