@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from deepserve.engine.collector import RequestCollector
+from deepserve.engine.collector import Postbox, RequestCollector
 from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner
 from deepserve.engine.llamacpp.scheduler import ScheduledChunk, Scheduler, Sequence, StepPlan
 from deepserve.engine.stop import StopStringMatcher
@@ -70,6 +70,7 @@ class LlamaCppEngine:
         max_queue: int = 64,
         kv_unified: bool = False,
         poll: int | None = 0,
+        deliver_wait_s: float = 0.005,
     ):
         self.model_id = model_id
         self.model_path = model_path
@@ -92,6 +93,9 @@ class LlamaCppEngine:
         self.counters = EngineCounters()
         self._lock = threading.Lock()
         self._inbox: list[tuple[str, object]] = []
+        # A step's deltas, handed to the HTTP side once the step's Python work is done; the next decode waits
+        # (at most deliver_wait_s) until they are written to the clients (collector.Postbox says why).
+        self._postbox = Postbox(deliver_wait_s)
         self._num_queued = 0  # submitted and not yet admitted to a slot
         self._wake = threading.Event()
         self._stopping = False
@@ -193,6 +197,8 @@ class LlamaCppEngine:
         self._thread.join(timeout=30)
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, RequestStatus.FINISHED_ABORTED)
+        self._postbox.wait_s = 0  # the loop may be the one waiting for this close
+        self._postbox.flush()
         self.runner.close()
 
     # ---- the engine thread -------------------------------------------------------------------
@@ -200,6 +206,7 @@ class LlamaCppEngine:
         while True:
             self._wake.clear()  # before draining: a submit after the drain sets it again
             self._drain_inbox()
+            self._postbox.flush()  # aborted requests' final deltas
             if self._stopping:
                 return
             if not self.scheduler.has_work():
@@ -211,6 +218,8 @@ class LlamaCppEngine:
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
                     self._finish(seq, RequestStatus.FINISHED_ERROR, error="internal engine error", keep_cache=False)
+            finally:
+                self._postbox.flush()
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -370,7 +379,7 @@ class LlamaCppEngine:
         if status is None and len(seq.output_tokens) >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
-            state.collector.put(delta)
+            self._postbox.put(state.collector, delta)
             return False
         if delta.stop_reason is None:  # not cut by a stop string: release what was held back
             self._emit(state, delta, state.decoder.decode(b"", final=True), final=True)
@@ -436,7 +445,7 @@ class LlamaCppEngine:
         delta.num_generated_tokens = len(seq.output_tokens)
         delta.num_reasoning_tokens = state.num_reasoning_tokens
         self.counters.num_requests_finished += 1
-        state.collector.put(delta)
+        self._postbox.put(state.collector, delta)
 
     def _fail_plan(self, plan: StepPlan, message: str) -> None:
         """A failed llama_decode: fail the sequences in it, drop their KV, keep the engine alive."""

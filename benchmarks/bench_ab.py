@@ -1,0 +1,96 @@
+"""A/B: deepserve built from different checkouts (or run with different settings), side by side with
+llama-server, rounds interleaved with the order reversed every other round. For changes to the engine or the
+HTTP path, whose effect (a few %) is below the run-to-run spread of a shared machine.
+
+    .venv/bin/python benchmarks/bench_ab.py before=/path/to/old/checkout after=.        # 9 rounds of 8 streams
+    .venv/bin/python benchmarks/bench_ab.py a=. b=.:OMP_WAIT_POLICY=PASSIVE --streams 8 1 --rounds 5
+
+A variant is NAME=CHECKOUT[:ENV=VALUE,...]: `python -m deepserve` started in CHECKOUT imports deepserve from
+there. Same bundled GGUF, threads, slots and sampling as benchmarks/bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench import http_run, pct, start_llama_server  # noqa: E402
+from deepserve.bundled import bundled_model_path  # noqa: E402
+from tests.server import READY  # noqa: E402
+
+
+def start_variant(checkout: Path, env: dict[str, str], threads: int, parallel: int, ctx: int) -> tuple[subprocess.Popen, str, str]:
+    """The server's process, root URL and model id."""
+    cmd = [sys.executable, "-m", "deepserve", "serve", "--port", "0", "--no-auth", "--threads", str(threads),
+           "--parallel", str(parallel), "--ctx-size", str(ctx)]
+    proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **env})
+    for line in proc.stdout:
+        match = READY.search(line)
+        if match:
+            return proc, match.group(1).removesuffix("/v1"), match.group(2)
+    raise RuntimeError(f"deepserve in {checkout} exited with {proc.wait()}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", help="NAME=CHECKOUT[:ENV=VALUE,...]")
+    ap.add_argument("--streams", type=int, nargs="+", default=[8])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--ctx-size", type=int, default=2048)
+    ap.add_argument("--llama-server", type=Path, default=ROOT / "benchmarks/peers/llama-server")
+    args = ap.parse_args()
+
+    procs: list[subprocess.Popen] = []
+    peers: dict[str, tuple[str, str]] = {}
+    try:
+        for spec in args.variants:
+            name, _, rest = spec.partition("=")
+            checkout, _, env_spec = rest.partition(":")
+            env = dict(item.split("=", 1) for item in env_spec.split(",") if item)
+            proc, url, model = start_variant(Path(checkout).resolve(), env, args.threads, args.parallel, args.ctx_size)
+            procs.append(proc)
+            peers[name] = (url, model)
+        proc, url = start_llama_server(args.llama_server, bundled_model_path(), args.threads, args.parallel, args.ctx_size)
+        procs.append(proc)
+        peers["llama-server"] = (url, "smollm2")
+        for url, model in peers.values():  # warm-up
+            asyncio.run(http_run(url, model, 2, 8))
+        results: dict[tuple[str, int], list] = {}
+        for round_index in range(args.rounds):
+            for streams in args.streams:
+                order = list(peers) if round_index % 2 == 0 else list(peers)[::-1]
+                for name in order:
+                    result = asyncio.run(http_run(*peers[name], streams, args.max_tokens))
+                    results.setdefault((name, streams), []).append(result)
+                    print(f"round {round_index + 1} c={streams} {name:14s} {result.tok_per_s:6.1f} tok/s", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+    print("\n| variant | streams | output tok/s | vs llama-server | per-round vs llama-server | TTFT p50 ms | ITL p50 ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for streams in args.streams:
+        base = results[("llama-server", streams)]
+        base_tps = statistics.median(r.tok_per_s for r in base)
+        for name in peers:
+            runs = results[(name, streams)]
+            tps = statistics.median(r.tok_per_s for r in runs)
+            per_round = statistics.median(r.tok_per_s / b.tok_per_s for r, b in zip(runs, base))
+            print(f"| {name} | {streams} | {tps:.1f} | {tps / base_tps:.2f}x | {per_round:.2f}x | "
+                  f"{pct([t for r in runs for t in r.ttft_s], 50) * 1e3:.0f} | {pct([t for r in runs for t in r.itl_s], 50) * 1e3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

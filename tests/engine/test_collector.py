@@ -1,0 +1,119 @@
+"""The engine thread → event loop bridge: one crossing per step, and the wait for the loop to go idle."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from deepserve.engine.collector import Postbox, RequestCollector
+from deepserve.engine.types import FinishReason, TokenDelta
+
+
+class CountingLoop:
+    """A running loop's stand-in that counts thread crossings (each one wakes the loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.crossings = 0
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.crossings += 1
+        return self.loop.call_soon_threadsafe(callback, *args)
+
+
+async def drain(collector: RequestCollector) -> list[TokenDelta]:
+    return [delta async for delta in collector]
+
+
+def test_a_steps_deltas_cross_once_and_in_order():
+    async def main():
+        loop = CountingLoop(asyncio.get_running_loop())
+        first, second = RequestCollector(loop), RequestCollector(loop)  # type: ignore[arg-type]
+        postbox = Postbox()
+
+        def engine_thread():
+            for step in range(3):  # three steps, two sequences each
+                postbox.put(first, TokenDelta(text=f"a{step}"))
+                postbox.put(second, TokenDelta(text=f"b{step}"))
+                postbox.flush()
+            postbox.put(first, TokenDelta(finish_reason=FinishReason.STOP))
+            postbox.put(second, TokenDelta(finish_reason=FinishReason.LENGTH))
+            postbox.flush()
+            postbox.flush()  # nothing left: no crossing
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        a, b = await asyncio.gather(drain(first), drain(second))
+        thread.join()
+        return loop.crossings, a, b
+
+    crossings, a, b = asyncio.run(main())
+    assert crossings == 4  # one per flushed step, not one per delta (8)
+    assert [d.text for d in a] == ["a0", "a1", "a2", ""] and a[-1].finish_reason == FinishReason.STOP
+    assert [d.text for d in b] == ["b0", "b1", "b2", ""] and b[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_flush_returns_once_the_loop_has_handled_the_deltas():
+    """With wait_s, the next decode starts only after the tasks the deltas woke have done their work (here:
+    a consumer that needs several more loop rounds before it records a token, as rendering and writing do)."""
+
+    async def main():
+        collector = RequestCollector(asyncio.get_running_loop())
+        written: list[str] = []
+
+        async def consumer():
+            async for delta in collector:
+                for _ in range(5):  # a chain of generators and queues between the collector and the socket
+                    await asyncio.sleep(0)
+                written.append(delta.text)
+
+        seen_at_return: list[list[str]] = []
+
+        def engine_thread():
+            postbox = Postbox(wait_s=30.0)  # the bound is never reached: the loop goes idle first
+            for step in range(3):
+                postbox.put(collector, TokenDelta(text=f"t{step}", finish_reason=FinishReason.STOP if step == 2 else None))
+                postbox.flush()
+                seen_at_return.append(list(written))
+
+        task = asyncio.create_task(consumer())
+        await asyncio.sleep(0)
+        await asyncio.to_thread(engine_thread)
+        await task
+        return seen_at_return
+
+    assert asyncio.run(main()) == [["t0"], ["t0", "t1"], ["t0", "t1", "t2"]]
+
+
+def test_flush_waits_no_longer_than_its_bound_for_a_busy_loop():
+    loop = asyncio.new_event_loop()
+    blocked, release = threading.Event(), threading.Event()
+    loop_thread = threading.Thread(target=loop.run_forever)
+    loop_thread.start()
+    try:
+        collector = RequestCollector(loop)
+        loop.call_soon_threadsafe(lambda: (blocked.set(), release.wait()))  # the loop is stuck in a callback
+        assert blocked.wait(10)
+        postbox = Postbox(wait_s=0.05)
+        postbox.put(collector, TokenDelta(text="x"))
+        done = threading.Event()
+        engine = threading.Thread(target=lambda: (postbox.flush(), done.set()))
+        engine.start()
+        assert done.wait(10)  # returned although the loop never ran the delivery
+        assert not release.is_set()
+        engine.join()
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join()
+        loop.close()
+
+
+def test_a_closed_loop_is_skipped():
+    loop = asyncio.new_event_loop()
+    collector = RequestCollector(loop)
+    loop.close()
+    postbox = Postbox(wait_s=30.0)
+    postbox.put(collector, TokenDelta(text="late"))
+    postbox.flush()  # the server is shutting down: nothing to deliver to, no error, no wait
+    assert collector._queue.qsize() == 0
