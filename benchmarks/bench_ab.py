@@ -24,20 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import http_run, pct, start_llama_server  # noqa: E402
 from deepserve.bundled import bundled_model_path  # noqa: E402
-from tests.server import READY  # noqa: E402
-
-
-def start_variant(checkout: Path, env: dict[str, str], threads: int, parallel: int, ctx: int) -> tuple[subprocess.Popen, str, str]:
-    """The server's process, root URL and model id."""
-    cmd = [sys.executable, "-m", "deepserve", "serve", "--port", "0", "--no-auth", "--threads", str(threads),
-           "--parallel", str(parallel), "--ctx-size", str(ctx)]
-    proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **env})
-    for line in proc.stdout:
-        match = READY.search(line)
-        if match:
-            return proc, match.group(1).removesuffix("/v1"), match.group(2)
-    raise RuntimeError(f"deepserve in {checkout} exited with {proc.wait()}")
+from tests.server import RunningServer, start_server  # noqa: E402
 
 
 def main() -> None:
@@ -52,6 +39,7 @@ def main() -> None:
     ap.add_argument("--llama-server", type=Path, default=ROOT / "benchmarks/peers/llama-server")
     args = ap.parse_args()
 
+    servers: list[RunningServer] = []
     procs: list[subprocess.Popen] = []
     peers: dict[str, tuple[str, str]] = {}
     try:
@@ -59,9 +47,10 @@ def main() -> None:
             name, _, rest = spec.partition("=")
             checkout, _, env_spec = rest.partition(":")
             env = dict(item.split("=", 1) for item in env_spec.split(",") if item)
-            proc, url, model = start_variant(Path(checkout).resolve(), env, args.threads, args.parallel, args.ctx_size)
-            procs.append(proc)
-            peers[name] = (url, model)
+            server = start_server("--no-auth", "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
+                                  api_key=None, env=env, threads=args.threads, cwd=str(Path(checkout).resolve()))
+            servers.append(server)
+            peers[name] = (server.root_url, server.model)
         proc, url = start_llama_server(args.llama_server, bundled_model_path(), args.threads, args.parallel, args.ctx_size)
         procs.append(proc)
         peers["llama-server"] = (url, "smollm2")
@@ -76,6 +65,8 @@ def main() -> None:
                     results.setdefault((name, streams), []).append(result)
                     print(f"round {round_index + 1} c={streams} {name:14s} {result.tok_per_s:6.1f} tok/s", flush=True)
     finally:
+        for server in servers:
+            server.stop()
         for proc in procs:
             proc.terminate()
             proc.wait()

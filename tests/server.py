@@ -39,9 +39,11 @@ class RunningServer:
 
 
 def start_server(
-    *args: str, api_key: str | None = "sk-test-key", env: dict[str, str] | None = None, threads: int | None = 2
+    *args: str, api_key: str | None = "sk-test-key", env: dict[str, str] | None = None, threads: int | None = 2,
+    cwd: str | None = None,
 ) -> RunningServer:
-    """Start `deepserve serve` on a free port. threads=None leaves llama.cpp's thread count at the serve default."""
+    """Start `deepserve serve` on a free port. threads=None leaves llama.cpp's thread count at the serve default;
+    `python -m deepserve` run in `cwd` imports deepserve from there (benchmarks/bench_ab.py compares checkouts)."""
     cmd = [sys.executable, "-m", "deepserve", "serve", "--port", "0"]
     if threads is not None:
         cmd += ["--threads", str(threads)]
@@ -50,7 +52,7 @@ def start_server(
         cmd += ["--api-key", api_key]
     log = tempfile.NamedTemporaryFile(prefix="deepserve-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}
+        cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}, cwd=cwd
     )
     for line in process.stdout:  # blocks until the server prints; pytest-timeout bounds it
         match = READY.search(line)

@@ -25,7 +25,7 @@ from deepserve.billing import reservations as sql
 from deepserve.billing.db import Database
 from deepserve.billing.money import TokenPrices
 from deepserve.billing.reservations import Reservation, Usage
-from deepserve.engine.types import FinishReason, TokenDelta, count_choices
+from deepserve.engine.types import FinishReason, StreamTap, TokenDelta, count_choices
 from deepserve.errors import PermissionDeniedError
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,7 @@ class Charge:
         total = Usage()
         statuses = set()
         for num_prompt, choices in zip(self._prompt_lengths, self._choices):
-            counts = count_choices(num_prompt, choices)
-            total.num_prompt += counts.num_prompt
-            total.num_cached += counts.num_cached
-            total.num_completion += counts.num_completion
-            total.num_reasoning += counts.num_reasoning
+            total.add(count_choices(num_prompt, choices))
             for choice in choices:
                 final = choice.final
                 if final is None or final.finish_reason == FinishReason.ABORT:
@@ -242,42 +238,23 @@ class Charge:
         self._on_settled(await self._meter.release(self.reservation))
 
 
-class MeteredStream:
-    """A `generate()` stream that reports what passes through it to its Charge and settles on close."""
+class MeteredStream(StreamTap):
+    """A `generate()` stream that reports what passes through it to its Charge and settles on close (at its
+    end, on a failure, or when the client went away)."""
 
-    __slots__ = ("_inner", "_charge", "_group", "_closed")
+    __slots__ = ("_charge", "_group")
 
     def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]], charge: Charge, group: int):
-        self._inner = inner
+        super().__init__(inner)
         self._charge = charge
         self._group = group
-        self._closed = False
 
-    def __aiter__(self) -> MeteredStream:
-        return self
-
-    async def __anext__(self) -> tuple[int, TokenDelta]:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            index, delta = await self._inner.__anext__()
-        except BaseException:  # the end, a failure or a cancellation (client gone): settle now
-            await self.aclose()
-            raise
+    async def _seen(self, index: int, delta: TokenDelta) -> None:
         self._charge.observe(self._group, index, delta)
         if delta.finish_reason is not None and self._charge.all_finished():
             # Settle before the last delta reaches the client: once a client has seen a request end, its
             # usage is committed, so a crash (kill -9) right after cannot lose a completed request's charge.
             await self._charge.settle()
-        return index, delta
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            aclose: Any = getattr(self._inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            await self._charge.stream_closed()
+    async def _closed_hook(self) -> None:
+        await self._charge.stream_closed()

@@ -37,6 +37,7 @@ from deepserve.billing.tables import (
     UsageRecord,
     utcnow,
 )
+from deepserve.engine.types import TokenCounts
 from deepserve.errors import InsufficientBalanceError
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,7 @@ class Reservation:
 
 
 @dataclass(slots=True)
-class Usage:
-    num_prompt: int = 0
-    num_cached: int = 0
-    num_completion: int = 0  # reasoning tokens included
-    num_reasoning: int = 0
+class Usage(TokenCounts):
     status: str = "ok"  # ok | aborted | error
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 
@@ -193,6 +193,12 @@ class TokenCounts:
     num_completion: int = 0  # reasoning tokens included
     num_reasoning: int = 0
 
+    def add(self, other: TokenCounts) -> None:
+        self.num_prompt += other.num_prompt
+        self.num_cached += other.num_cached
+        self.num_completion += other.num_completion
+        self.num_reasoning += other.num_reasoning
+
 
 def count_choices(num_prompt: int, choices: Iterable[Any]) -> TokenCounts:
     """Tokens of one prompt's n choices as usage counts them (billing and metrics alike): the engine's final
@@ -207,3 +213,48 @@ def count_choices(num_prompt: int, choices: Iterable[Any]) -> TokenCounts:
         num_completion=sum(c.final.num_generated_tokens if c.final is not None else c.num_delivered for c in choices),
         num_reasoning=sum(f.num_reasoning_tokens for f in finals),
     )
+
+
+class StreamTap:
+    """A `generate()` stream passed on unchanged, with a look at each item (`_seen`) and a hook that runs once
+    when it closes (`_closed_hook`): at its end, on a failure, or when the response closes it (client gone).
+
+    A class, not an async generator: closing one that never started still closes the stream inside it.
+    What billing (MeteredStream) and the metrics (ObservedStream) wrap each request's streams with."""
+
+    __slots__ = ("_inner", "_closed")
+
+    def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]]):
+        self._inner = inner
+        self._closed = False
+
+    def __aiter__(self) -> StreamTap:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenDelta]:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            index, delta = await self._inner.__anext__()
+        except BaseException:  # the end, a failure or a cancellation: the close hook runs now
+            await self.aclose()
+            raise
+        await self._seen(index, delta)
+        return index, delta
+
+    async def _seen(self, index: int, delta: TokenDelta) -> None:
+        """Called with each item before it is passed on."""
+
+    async def _closed_hook(self) -> None:
+        """Called once, after the inner stream is closed."""
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            aclose: Any = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self._closed_hook()

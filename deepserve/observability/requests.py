@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepserve.engine.types import TokenDelta, count_choices
+from deepserve.engine.types import StreamTap, TokenCounts, TokenDelta, count_choices
 from deepserve.observability import metrics
 
 request_log = logging.getLogger("deepserve.requests")
@@ -60,10 +60,7 @@ class RequestRecord:
     model: str | None = None  # set once the request reaches generation
     status: int | None = None
     first_token_at: float | None = None
-    num_prompt: int = 0
-    num_cached: int = 0
-    num_completion: int = 0
-    num_reasoning: int = 0
+    tokens: TokenCounts = field(default_factory=TokenCounts)  # as usage counts them, over the request's prompts
     finish_reasons: list[str] = field(default_factory=list)
     prompt: Any = None  # only when prompt logging is on
 
@@ -85,36 +82,19 @@ class _Choice:
         self.final: TokenDelta | None = None
 
 
-class ObservedStream:
-    """A generation stream (n choices of one prompt) that reports timing and tokens to the request's record.
+class ObservedStream(StreamTap):
+    """A generation stream (n choices of one prompt) that reports timing and tokens to the request's record."""
 
-    A class, not an async generator: closing one that never started still closes the stream inside it."""
-
-    __slots__ = ("_inner", "_record", "_num_prompt", "_choices", "_closed", "_itl")
+    __slots__ = ("_record", "_num_prompt", "_choices", "_itl")
 
     def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]], record: RequestRecord, num_prompt: int, n: int):
-        self._inner = inner
+        super().__init__(inner)
         self._record = record
         self._num_prompt = num_prompt
         self._choices = [_Choice() for _ in range(n)]
-        self._closed = False
         self._itl = metrics.INTER_TOKEN_LATENCY.labels(record.model, record.dialect)  # looked up once, used per token
 
-    def __aiter__(self) -> ObservedStream:
-        return self
-
-    async def __anext__(self) -> tuple[int, TokenDelta]:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            index, delta = await self._inner.__anext__()
-        except BaseException:
-            await self.aclose()
-            raise
-        self._observe(index, delta)
-        return index, delta
-
-    def _observe(self, index: int, delta: TokenDelta) -> None:
+    async def _seen(self, index: int, delta: TokenDelta) -> None:
         record = self._record
         choice = self._choices[index]
         num_tokens = delta.num_tokens  # an upstream engine streams text: its deltas count without ids
@@ -132,26 +112,12 @@ class ObservedStream:
         if delta.finish_reason is not None:
             choice.final = delta
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            aclose = getattr(self._inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            self._account()
-
-    def _account(self) -> None:
+    async def _closed_hook(self) -> None:
         """Tokens as usage counts them: the engine's final counts, else the prompt and what was delivered."""
         record = self._record
         labels = (record.model, record.dialect)
         counts = count_choices(self._num_prompt, self._choices)
-        record.num_prompt += counts.num_prompt
-        record.num_cached += counts.num_cached
-        record.num_completion += counts.num_completion
-        record.num_reasoning += counts.num_reasoning
+        record.tokens.add(counts)
         metrics.PROMPT_TOKENS.labels(*labels).inc(counts.num_prompt)
         metrics.CACHED_PROMPT_TOKENS.labels(*labels).inc(counts.num_cached)
         metrics.GENERATION_TOKENS.labels(*labels).inc(counts.num_completion)
@@ -262,8 +228,8 @@ def finish(record: RequestRecord, scope: Scope, *, failed: bool = False) -> None
     if record.model is not None:
         fields.update(
             ttft_ms=round((record.first_token_at - record.started) * 1000, 1) if record.first_token_at else None,
-            prompt_tokens=record.num_prompt, cached_tokens=record.num_cached,
-            completion_tokens=record.num_completion, reasoning_tokens=record.num_reasoning,
+            prompt_tokens=record.tokens.num_prompt, cached_tokens=record.tokens.num_cached,
+            completion_tokens=record.tokens.num_completion, reasoning_tokens=record.tokens.num_reasoning,
             finish_reason=_finish_reason(record.finish_reasons),
         )
     principal = scope.get("state", {}).get("principal")

@@ -34,7 +34,7 @@ def test_upstream_text_deltas_count_as_tokens_and_time_the_first_one():
 
     asyncio.run(consume())
     assert record.first_token_at is not None
-    assert (record.num_prompt, record.num_completion, record.finish_reasons) == (9, 4, ["stop"])
+    assert (record.tokens.num_prompt, record.tokens.num_completion, record.finish_reasons) == (9, 4, ["stop"])
     assert _sample("deepserve_time_to_first_token_seconds_count", model) == 1
     assert _sample("deepserve_inter_token_latency_seconds_count", model) == 2  # 1 then 1 token after the first delta
 
