@@ -7,10 +7,12 @@ it is. What passes is enforced exactly, so the answer always parses and validate
 
 Supported: type (one or a list), properties, required, additionalProperties, items, prefixItems, minItems,
 maxItems, enum, const, anyOf, oneOf, allOf (of objects), minLength / maxLength, pattern (anchored ^...$),
-format date / time / date-time / uuid, local $ref with $defs / definitions, and annotations (title,
-description, default, examples, ...). Not supported (400): minimum, maximum, exclusiveMinimum,
-exclusiveMaximum, multipleOf, not, if / then / else, patternProperties, propertyNames, uniqueItems,
-contains, minProperties, maxProperties, dependentRequired, dependentSchemas, remote $ref, other formats, ...
+format date / time / date-time / uuid, minimum / maximum / exclusiveMinimum / exclusiveMaximum on
+integers (a non-integer bound rounds inward; the grammar spells exactly the integers in range), local $ref
+with $defs / definitions, and annotations (title, description, default, examples, ...). Not supported (400):
+minimum / maximum / exclusiveMinimum / exclusiveMaximum on numbers (or without "type": "integer"),
+multipleOf, not, if / then / else, patternProperties, propertyNames, uniqueItems, contains, minProperties,
+maxProperties, dependentRequired, dependentSchemas, remote $ref, other formats, ...
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,8 @@ def _load_llama_grammar() -> Any:
     return module
 
 
-SchemaConverter = _load_llama_grammar().SchemaConverter
+_llama_grammar = _load_llama_grammar()
+SchemaConverter = _llama_grammar.SchemaConverter
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                          "readOnly", "writeOnly", "$anchor"})
@@ -48,7 +52,8 @@ TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", 
 FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
 _KNOWN = frozenset({"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
                     "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "minLength", "maxLength", "pattern",
-                    "format", "$ref", *DEFINITIONS})
+                    "format", "$ref", *DEFINITIONS, "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 # The converter's string character allows raw control characters, which JSON (and json.loads) forbids.
 _CHAR_RULE = re.compile(r"^char ::= .*$", re.MULTILINE)
 _JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])'
@@ -63,6 +68,122 @@ def literal(text: str) -> str:
     escaped = (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
                .replace("\t", "\\t"))
     return f'"{escaped}"'
+
+
+# ---- integers within bounds -------------------------------------------------------------------------------
+# The range rules below are ported from llama.cpp's JSON-schema converter, `_generate_min_max_int` in
+# examples/json_schema_to_grammar.py of https://github.com/ggml-org/llama.cpp (MIT License, Copyright (c) the
+# ggml authors): its two-sided case, with "-0" left out. Its one-sided cases are not ported: there a minimum
+# of 105 also accepts 15..19 and 100..104, and a maximum of -3 accepts "-03" (checked with llama.cpp's grammar
+# engine). One-sided bounds are built here from the two-sided rule instead.
+_OPEN_DIGITS = 16  # an integer without bounds has at most 16 digits in the converter's grammar (integral-part)
+_BOUND_DIGITS = 40  # bounds past 10**40 are refused rather than spelled out digit by digit
+
+
+def _digit_range(low: str, high: str) -> str:
+    return f"[{low}]" if low == high else f"[{low}-{high}]"
+
+
+def _any_digits(least: int, most: int) -> str:
+    """Between `least` and `most` digits (0 <= least <= most)."""
+    assert 0 <= least <= most, (least, most)  # llama.cpp does not survive [0-9]{16,15}
+    if least == most:
+        return "[0-9]" if least == 1 else f"[0-9]{{{least}}}"
+    return f"[0-9]{{{least},{most}}}"
+
+
+def _uniform_range(low: str, high: str) -> str:
+    """Digit strings of one length from `low` to `high` (low <= high); a sequence, no top-level `|`."""
+    i = 0
+    while i < len(low) and low[i] == high[i]:
+        i += 1
+    parts = [f'"{low[:i]}"'] if i else []
+    if i < len(low):
+        rest = len(low) - i - 1
+        if rest == 0:
+            parts.append(_digit_range(low[i], high[i]))
+        else:
+            low_rest, high_rest = low[i + 1:], high[i + 1:]
+            zeros, nines = "0" * rest, "9" * rest
+            alternatives = []
+            high_done = False
+            if low_rest == zeros:
+                alternatives.append(f"{_digit_range(low[i], chr(ord(high[i]) - 1))} {_any_digits(rest, rest)}")
+            else:
+                alternatives.append(f"[{low[i]}] ({_uniform_range(low_rest, nines)})")
+                if ord(low[i]) < ord(high[i]) - 1:
+                    if high_rest == nines:
+                        alternatives.append(f"{_digit_range(chr(ord(low[i]) + 1), high[i])} {_any_digits(rest, rest)}")
+                        high_done = True
+                    else:
+                        alternatives.append(f"{_digit_range(chr(ord(low[i]) + 1), chr(ord(high[i]) - 1))} "
+                                            f"{_any_digits(rest, rest)}")
+            if not high_done:
+                alternatives.append(f"{_digit_range(high[i], high[i])} {_uniform_range(zeros, high_rest)}")
+            parts.append(f"({' | '.join(alternatives)})")
+    return " ".join(parts)
+
+
+def _natural_range(low: int, high: int) -> str:
+    """The numerals (no leading zeros) of low..high, 0 <= low <= high: one uniform range per length."""
+    alternatives = []
+    low_text, high_text = str(low), str(high)
+    for length in range(len(low_text), len(high_text)):
+        alternatives.append(_uniform_range(low_text, "9" * length))
+        low_text = "1" + "0" * length
+    alternatives.append(_uniform_range(low_text, high_text))
+    return " | ".join(alternatives)
+
+
+def _at_least(low: int) -> str:
+    """The numerals of low and up (low >= 0), as long as an unbounded integer may be (or as long as `low`)."""
+    length = len(str(low))
+    rule = _natural_range(low, 10 ** length - 1)
+    if length < _OPEN_DIGITS:
+        rule += f" | [1-9] {_any_digits(length, _OPEN_DIGITS - 1)}"
+    return rule
+
+
+def integer_range_rule(low: int | None, high: int | None) -> str:
+    """A GBNF rule body for the JSON integers from `low` to `high` (None: unbounded that way), never "-0"."""
+    if low is not None and high is not None:
+        if low > high:
+            raise ValueError(f"empty integer range {low}..{high}")
+        if high < 0:
+            return f'"-" ({_natural_range(-high, -low)})'
+        if low < 0:
+            return f'"-" ({_natural_range(1, -low)}) | {_natural_range(0, high)}'
+        return _natural_range(low, high)
+    if low is not None:
+        return f'"-" ({_natural_range(1, -low)}) | {_at_least(0)}' if low < 0 else _at_least(low)
+    if high is not None:
+        return f'"-" ({_at_least(-high)})' if high < 0 else f'"-" ({_at_least(1)}) | {_natural_range(0, high)}'
+    raise ValueError("an integer range needs a bound")
+
+
+def _integer_bounds(schema: dict[str, Any], where: str) -> tuple[int | None, int | None]:
+    """The least and greatest integer `schema`'s bounds allow (None: no bound that way); exclusive bounds and
+    non-integer bounds round inward (exclusiveMinimum 0 -> 1, minimum 1.5 -> 2)."""
+    low = high = None
+    for key in BOUNDS:
+        if key not in schema:
+            continue
+        value = schema[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value in (math.inf, -math.inf) \
+                or value != value:  # NaN (math.isfinite would overflow on a huge int)
+            raise SchemaConverterError(f"{where}: '{key}' must be a finite number, got {json.dumps(value)}")
+        if abs(value) >= 10 ** _BOUND_DIGITS:
+            raise SchemaConverterError(f"{where}: '{key}' is too large: integer bounds are supported up to "
+                                       f"{_BOUND_DIGITS} digits")
+        if key in ("minimum", "exclusiveMinimum"):
+            bound = math.ceil(value) if key == "minimum" else math.floor(value) + 1
+            low = bound if low is None else max(low, bound)
+        else:
+            bound = math.floor(value) if key == "maximum" else math.ceil(value) - 1
+            high = bound if high is None else min(high, bound)
+    if low is not None and high is not None and low > high:
+        raise SchemaConverterError(f"{where}: no integer is within the bounds (at least {low} and at most {high})")
+    return low, high
 
 
 def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
@@ -163,6 +284,13 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
         return
     if keys & {"minItems", "maxItems"}:
         raise SchemaConverterError(f"{where}: minItems / maxItems need 'items'")
+    bounds = sorted(keys & set(BOUNDS))
+    if bounds:
+        if kind != "integer":
+            on = f"type {kind!r}" if kind is not None else "a schema without a type"
+            raise SchemaConverterError(f"{where}: the JSON schema keyword '{bounds[0]}' is not supported on {on}: "
+                                       "minimum/maximum are supported on integers only")
+        _integer_bounds(schema, where)
     string_keys = keys & {"pattern", "format", "minLength", "maxLength"}
     if string_keys:
         if kind not in ("string", None) or (kind is None and string_keys & {"minLength", "maxLength"}):
@@ -252,6 +380,15 @@ class CheckedConverter(SchemaConverter):
     def __init__(self) -> None:
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self._num_schemas = 0
+
+    def visit(self, schema: Any, name: str) -> str:
+        """The converter's visit, plus integers with bounds (which it ignores); it calls this for every part
+        of the schema (properties, items, anyOf, $defs), so bounded integers work anywhere."""
+        if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in BOUNDS):
+            low, high = _integer_bounds(schema, "")  # _check has refused bad bounds, naming where
+            rule_name = name + "-" if name in _llama_grammar.RESERVED_NAMES else name or "root"
+            return self._add_rule(rule_name, f"({integer_range_rule(low, high)}) space")
+        return super().visit(schema, name)
 
     def visit_checked(self, schema: Any, name: str, *, where: str) -> str:
         """Check `schema` and add its rules; return the name of its top rule ("" names it `root`)."""

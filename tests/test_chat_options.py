@@ -102,7 +102,7 @@ def test_response_format_and_tools_become_grammars():
     assert RunRequest.model_validate({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
         "type": "object", "properties": {"a": {"type": "boolean"}}}}}).to_sampling(r1).grammar is not None
     with pytest.raises(InvalidRequestError, match="'minimum' is not supported"):
-        openai_sampling(r1, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": 1}}})
+        openai_sampling(r1, response_format={"type": "json_schema", "json_schema": {"schema": {"type": "number", "minimum": 1}}})
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     auto = openai_sampling(r1, tools=[tool])
     assert auto.tool_format == DEEPSEEK and auto.grammar is None

@@ -272,9 +272,9 @@ def test_json_schema_after_the_reasoning_in_every_dialect(r1_server, oai, http):
 
 
 def test_an_unsupported_schema_is_a_400_naming_it_in_every_dialect(r1_server, oai, http):
-    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
+    schema = {"type": "object", "properties": {"age": {"type": "number", "minimum": 0}}}
     openai_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-    named = "#/properties/age: the JSON schema keyword 'minimum' is not supported"
+    named = "#/properties/age: the JSON schema keyword 'minimum' is not supported on type 'number'"
     with pytest.raises(openai.BadRequestError) as info:
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, response_format=openai_format)
     assert named in info.value.body["message"] and info.value.body["param"] == "response_format"

@@ -1,6 +1,7 @@
-"""response_format through the real engine on the bundled SmolLM2, 20 seeds each: every answer json.loads
-and validates against its schema (a grammar guarantees that once generation ends, so the schemas bound the
-output and max_tokens leaves room: finish_reason must be "stop"). Unsupported schema features get a 400."""
+"""response_format through the real engine on the bundled SmolLM2, 20 seeds each (6 for integer bounds):
+every answer json.loads and validates against its schema (a grammar guarantees that once generation ends, so
+the schemas bound the output and max_tokens leaves room: finish_reason must be "stop"). Unsupported schema
+features get a 400."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 SEEDS = range(20)
 PERSON = {
@@ -28,12 +30,12 @@ MESSAGES = [{"role": "user", "content": "Describe a person as JSON: name, age, f
 
 
 async def answers(client: openai.AsyncOpenAI, model: str, response_format: dict, max_tokens: int,
-                  messages: list[dict] = MESSAGES):
+                  messages: list[dict] = MESSAGES, seeds: range = SEEDS):
     async def one(seed: int):
         return await client.chat.completions.create(model=model, messages=messages, seed=seed, temperature=0.7,
                                                     max_tokens=max_tokens, response_format=response_format)
 
-    return await asyncio.gather(*(one(seed) for seed in SEEDS))
+    return await asyncio.gather(*(one(seed) for seed in seeds))
 
 
 def test_json_schema_answers_parse_and_validate_for_every_seed(async_client, server):
@@ -70,8 +72,37 @@ def test_structured_stream_concatenates_to_valid_json(client, server):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_integer_bounds_hold_for_every_seed(async_client, client, server):
+    # the prompt asks for a number outside the bounds: only the grammar keeps n within 3..7
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 7}}, "required": ["n"]}
+    messages = [{"role": "user", "content": 'Reply with the JSON object {"n": 1000}.'}]
+    seeds = range(6)
+    results = asyncio.run(answers(async_client, server.model, {"type": "json_schema", "json_schema": {
+        "name": "pick", "strict": True, "schema": schema}}, max_tokens=20, messages=messages, seeds=seeds))
+    for seed, r in zip(seeds, results):
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", (seed, choice.message.content)
+        value = json.loads(choice.message.content)
+        jsonschema.validate(value, schema)
+        assert type(value["n"]) is int and 3 <= value["n"] <= 7, (seed, value)
+
+    # the openai SDK's parse() with a Pydantic model (Field(ge=, le=) become minimum / maximum)
+    class Pick(BaseModel):
+        n: int = Field(ge=3, le=7)
+
+    parsed = client.chat.completions.parse(model=server.model, messages=messages, seed=1, max_tokens=20,
+                                           response_format=Pick)
+    assert parsed.choices[0].finish_reason == "stop"
+    assert isinstance(parsed.choices[0].message.parsed, Pick) and 3 <= parsed.choices[0].message.parsed.n <= 7
+
+
 @pytest.mark.parametrize(("schema", "named"), [
-    ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}, "'minimum'"),
+    ({"type": "object", "properties": {"age": {"type": "number", "minimum": 0}}},
+     "#/properties/age: the JSON schema keyword 'minimum' is not supported on type 'number': minimum/maximum are "
+     "supported on integers only"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 2}}},
+     "#/properties/n: no integer is within the bounds (at least 3 and at most 2)"),
+    ({"type": "integer", "multipleOf": 2}, "the JSON schema keyword 'multipleOf' is not supported"),
     ({"type": "string", "format": "email"}, "'email'"),
 ])
 def test_unsupported_schema_features_are_a_400_naming_them(client, server, schema, named):
