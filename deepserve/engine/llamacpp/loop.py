@@ -10,6 +10,7 @@ import codecs
 import logging
 import random
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -71,6 +72,8 @@ class LlamaCppEngine:
         kv_unified: bool = False,
         poll: int | None = 0,
         deliver_wait_s: float = 0.005,
+        gather_s: float = 0.004,
+        gather_max_s: float = 0.03,
     ):
         self.model_id = model_id
         self.model_path = model_path
@@ -99,6 +102,11 @@ class LlamaCppEngine:
         self._num_queued = 0  # submitted and not yet admitted to a slot
         self._wake = threading.Event()
         self._stopping = False
+        # Coming out of idle, the first step waits while requests keep arriving (each within gather_s of the
+        # last, gather_max_s at most), so that a burst starts together: see _gather_burst.
+        self.gather_s = gather_s
+        self.gather_max_s = gather_max_s
+        self._idle = True
         self._thread = threading.Thread(target=self._run, name="deepserve-engine", daemon=True)
         self._thread.start()
 
@@ -210,8 +218,12 @@ class LlamaCppEngine:
             if self._stopping:
                 return
             if not self.scheduler.has_work():
+                self._idle = True
                 self._wake.wait()
                 continue
+            if self._idle:
+                self._idle = False
+                self._gather_burst()
             try:
                 self.step()
             except Exception:  # never let one bad step kill the engine for everyone
@@ -220,6 +232,27 @@ class LlamaCppEngine:
                     self._finish(seq, RequestStatus.FINISHED_ERROR, error="internal engine error", keep_cache=False)
             finally:
                 self._postbox.flush()
+
+    def _gather_burst(self) -> None:
+        """The engine was idle and work arrived: wait while more requests keep arriving (each within gather_s of
+        the last, gather_max_s in all) before the first step.
+
+        Why: clients often start together (8 users, a load test), but the HTTP side submits them one by one, a
+        few ms apart (parsing, templating, tokenizing in Python). Without the wait the first request decodes
+        alone and the others join at the next step, a whole step (~100 ms at 8 streams here) later. Measured on
+        the 2-core VM, 8 streams, 8 interleaved rounds: time to first token p50 187 → 169 ms, throughput
+        unchanged. A lone request pays gather_s once."""
+        if self.gather_s <= 0:
+            return
+        deadline = time.monotonic() + self.gather_max_s
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            if not self._wake.wait(min(self.gather_s, left)):
+                return  # nothing more arrived: the burst is over
+            self._drain_inbox()
 
     def _drain_inbox(self) -> None:
         with self._lock:
