@@ -55,6 +55,7 @@ def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> Serv
         max_queue=settings.max_queue,
         kv_unified=settings.kv_unified,
         poll=settings.poll,
+        cpus=plan.cpus,
     )
     runner = engine.runner
     entry = plan.entry

@@ -78,6 +78,9 @@ def serve(
     batch_size: int = typer.Option(None, help="Tokens per decode step, caps prefill chunks (default 512)."),
     max_queue: int = typer.Option(None, help="Requests that may wait for a slot before 429 (default 64)."),
     kv_unified: bool = typer.Option(None, "--kv-unified/--kv-split", help="One KV pool for all slots."),
+    pin_threads: bool = typer.Option(
+        None, "--pin-threads/--no-pin-threads",
+        help="Pin each model's llama.cpp threads to CPUs of their own (default on; off when they outnumber the CPUs)."),
     poll: int = typer.Option(None, help="ggml worker polling between steps, 0-100 (default 0: sleep, leaving the CPU to HTTP)."),
     api_key: list[str] = typer.Option(None, help="Accepted API key (repeatable; default: DEEPSERVE_API_KEYS)."),
     no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),
@@ -97,7 +100,7 @@ def serve(
         "config": config,
         "data_dir": data_dir, "host": host, "port": port, "threads": threads,
         "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
-        "kv_unified": kv_unified, "poll": poll, "api_keys": api_key or None, "no_auth": no_auth,
+        "kv_unified": kv_unified, "poll": poll, "pin_threads": pin_threads, "api_keys": api_key or None, "no_auth": no_auth,
         "sse_keepalive_s": sse_keepalive, "database_url": database_url, "admin_key": admin_key,
         "log_format": log_format, "log_prompts": log_prompts, "shutdown_timeout_s": shutdown_timeout,
         "metrics_key": metrics_key,

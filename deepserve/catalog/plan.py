@@ -11,6 +11,8 @@ Each model gets its own engine, so the plan also shares the machine out:
 - CPU threads: `--threads N` gives every engine N threads (llama-server's meaning: per model). Without it one
   model gets every core this process may use, and several split them evenly (at least one each), so that two
   busy models do not run twice as many compute threads as there are cores.
+- CPUs: with `--pin-threads` (default) and enough CPUs, each engine's threads get CPUs of their own, one each
+  (`LlamaRunner` says why); when the threads outnumber the CPUs, nothing is pinned.
 - context: `--ctx-size` is clamped, per model, to the context window the catalog gives it (the engine also
   clamps to the GGUF's training window, which it reads when it loads the file).
 """
@@ -43,6 +45,7 @@ class ModelPlan:
     template: str | None = None  # built-in template the operator chose; wins over the GGUF's own
     threads: int | None = None  # llama.cpp threads of its engine (None: --threads, else every core)
     ctx_size: int | None = None  # context window of one request on its engine (None: --ctx-size)
+    cpus: tuple[int, ...] | None = None  # CPUs its threads are pinned to, one each (None: not pinned)
 
 
 def plan_models(settings: Settings, catalog: Catalog, local: LocalRegistry) -> list[ModelPlan]:
@@ -54,8 +57,11 @@ def assign_resources(plans: list[ModelPlan], settings: Settings) -> list[ModelPl
     if not plans:
         return plans
     threads = settings.threads or max(1, available_cores() // len(plans))
-    for plan in plans:
+    cpus = allowed_cpus()
+    pin = settings.pin_threads and threads * len(plans) <= len(cpus)
+    for index, plan in enumerate(plans):
         plan.threads = threads
+        plan.cpus = tuple(cpus[index * threads:(index + 1) * threads]) if pin else None
         window = plan.entry.context_window if plan.entry is not None else None
         plan.ctx_size = min(settings.ctx_size, window) if window else settings.ctx_size
     return plans
@@ -67,6 +73,14 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def allowed_cpus() -> list[int]:
+    """The CPU numbers this process may run on, in order ([] where the OS does not tell: nothing is pinned)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return []
 
 
 def _choose_models(settings: Settings, catalog: Catalog, local: LocalRegistry) -> list[ModelPlan]:

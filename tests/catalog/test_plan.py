@@ -86,6 +86,17 @@ def test_several_models_split_the_cores_and_threads_is_per_model(registry, gguf,
     assert [p.threads for p in plan(registry)] == [1, 1, 1]  # at least one each
 
 
+def test_each_engine_gets_cpus_of_its_own_unless_threads_outnumber_them(registry, gguf, monkeypatch):
+    registry.add(LocalModel(id=R1_32B, path=gguf, source="pull"))
+    registry.add(LocalModel(id="mine", path=gguf, source="add"))
+    monkeypatch.setattr("deepserve.catalog.plan.available_cores", lambda: 6)
+    monkeypatch.setattr("deepserve.catalog.plan.allowed_cpus", lambda: [2, 3, 5, 8, 9, 11])  # a taskset's CPUs
+    assert [p.cpus for p in plan(registry)] == [(2, 3), (5, 8), (9, 11)]
+    assert [p.cpus for p in plan(registry, models=["mine"])] == [(2, 3, 5, 8, 9, 11)]
+    assert [p.cpus for p in plan(registry, threads=3)] == [None, None, None]  # 9 threads, 6 CPUs: none pinned
+    assert [p.cpus for p in plan(registry, pin_threads=False)] == [None, None, None]
+
+
 def test_available_cores_is_this_process_cpu_affinity():
     import os
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
+import os
 import random
 import threading
 import time
@@ -74,6 +75,7 @@ class LlamaCppEngine:
         deliver_wait_s: float = 0.005,
         gather_s: float = 0.004,
         gather_max_s: float = 0.03,
+        cpus: tuple[int, ...] | None = None,
     ):
         self.model_id = model_id
         self.model_path = model_path
@@ -88,6 +90,7 @@ class LlamaCppEngine:
             num_threads=threads,
             kv_unified=kv_unified,
             poll=poll,
+            cpus=cpus,
         )
         self.ctx_size = self.runner.ctx_size_per_seq  # never past the model's training window
         self.scheduler = Scheduler(parallel, batch_size)
@@ -185,6 +188,7 @@ class LlamaCppEngine:
             "parallel": self.parallel,
             "ctx_size": self.ctx_size,
             "threads": self.runner.num_threads,
+            "cpus": list(self.runner.cpus or ()),
             "num_running": len(running),
             "num_waiting": num_queued,
             "num_steps": c.num_steps,
@@ -211,6 +215,10 @@ class LlamaCppEngine:
 
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
+        if self.runner.cpus:
+            # The engine thread is llama.cpp's thread 0 (ggml pins it too, but only when it decodes with more than
+            # one thread); sampling and bookkeeping then stay on its CPU as well.
+            os.sched_setaffinity(0, {self.runner.cpus[0]})
         while True:
             self._wake.clear()  # before draining: a submit after the drain sets it again
             self._drain_inbox()
