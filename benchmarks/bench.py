@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepserve.bundled import bundled_model_path  # noqa: E402
+from deepserve.catalog.plan import allowed_cpus  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 PROMPT = "Write a long story about a robot who learns to paint."
@@ -241,8 +242,9 @@ def main() -> None:
         if "engine" not in args.skip:
             from deepserve.engine.llamacpp.loop import LlamaCppEngine
 
+            cpus = allowed_cpus()  # pinned as `deepserve serve` pins its engine (--pin-threads)
             engine = LlamaCppEngine(str(gguf), "engine", ctx_size=args.ctx_size, parallel=args.parallel,
-                                    threads=args.threads)
+                                    threads=args.threads, cpus=tuple(cpus) if len(cpus) >= args.threads else None)
             prompt_tokens = engine.tokenize(
                 f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n", add_special=False
             )
