@@ -80,7 +80,7 @@ def serve(
     kv_unified: bool = typer.Option(None, "--kv-unified/--kv-split", help="One KV pool for all slots."),
     pin_threads: bool = typer.Option(
         None, "--pin-threads/--no-pin-threads",
-        help="Pin each model's llama.cpp threads to CPUs of their own (default on; off when they outnumber the CPUs)."),
+        help="Pin each model's llama.cpp threads to CPUs of their own (default on, when the threads use exactly this process's CPUs)."),
     poll: int = typer.Option(None, help="ggml worker polling between steps, 0-100 (default 0: sleep, leaving the CPU to HTTP)."),
     api_key: list[str] = typer.Option(None, help="Accepted API key (repeatable; default: DEEPSERVE_API_KEYS)."),
     no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),

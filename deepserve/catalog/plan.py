@@ -11,8 +11,9 @@ Each model gets its own engine, so the plan also shares the machine out:
 - CPU threads: `--threads N` gives every engine N threads (llama-server's meaning: per model). Without it one
   model gets every core this process may use, and several split them evenly (at least one each), so that two
   busy models do not run twice as many compute threads as there are cores.
-- CPUs: with `--pin-threads` (default) and enough CPUs, each engine's threads get CPUs of their own, one each
-  (`LlamaRunner` says why); when the threads outnumber the CPUs, nothing is pinned.
+- CPUs: with `--pin-threads` (default), when the engines' threads use exactly the CPUs this process may run on
+  (the default split, or a `taskset`), each engine's threads get CPUs of their own, one each (`LlamaRunner`
+  says why); otherwise nothing is pinned.
 - context: `--ctx-size` is clamped, per model, to the context window the catalog gives it (the engine also
   clamps to the GGUF's training window, which it reads when it loads the file).
 """
@@ -58,7 +59,10 @@ def assign_resources(plans: list[ModelPlan], settings: Settings) -> list[ModelPl
         return plans
     threads = settings.threads or max(1, available_cores() // len(plans))
     cpus = allowed_cpus()
-    pin = settings.pin_threads and threads * len(plans) <= len(cpus)
+    # Pin only when the engines' threads use every CPU this process may run on: then the CPUs are this process's
+    # to arrange. With fewer threads (an explicit --threads), other work may share the machine (a second
+    # deepserve, say), and pinning each process to the same first CPUs would pile them up there.
+    pin = settings.pin_threads and threads * len(plans) == len(cpus)
     for index, plan in enumerate(plans):
         plan.threads = threads
         plan.cpus = tuple(cpus[index * threads:(index + 1) * threads]) if pin else None

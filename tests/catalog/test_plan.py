@@ -94,6 +94,9 @@ def test_each_engine_gets_cpus_of_its_own_unless_threads_outnumber_them(registry
     assert [p.cpus for p in plan(registry)] == [(2, 3), (5, 8), (9, 11)]
     assert [p.cpus for p in plan(registry, models=["mine"])] == [(2, 3, 5, 8, 9, 11)]
     assert [p.cpus for p in plan(registry, threads=3)] == [None, None, None]  # 9 threads, 6 CPUs: none pinned
+    # 3 threads, 6 CPUs: the rest of the machine may be someone else's (another deepserve): none pinned.
+    assert [p.cpus for p in plan(registry, models=["mine"], threads=3)] == [None]
+    assert [p.cpus for p in plan(registry, models=["mine"], threads=6)] == [(2, 3, 5, 8, 9, 11)]
     assert [p.cpus for p in plan(registry, pin_threads=False)] == [None, None, None]
 
 
