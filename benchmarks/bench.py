@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepserve.bundled import bundled_model_path  # noqa: E402
-from deepserve.catalog.plan import allowed_cpus  # noqa: E402
+from deepserve.catalog.plan import engine_cpus  # noqa: E402
 from tests.server import start_server  # noqa: E402
 
 PROMPT = "Write a long story about a robot who learns to paint."
@@ -205,15 +205,21 @@ def rss_mib(pid: int) -> float:
 
 
 # ---- main ---------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+def add_peer_arguments(ap: argparse.ArgumentParser) -> None:
+    """How every peer is set up and asked (bench.py and bench_ab.py alike): output tokens, threads, slots,
+    context, and the llama-server binary."""
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--ctx-size", type=int, default=2048)
     ap.add_argument("--llama-server", type=Path, default=ROOT / "benchmarks/peers/llama-server")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=3)
+    add_peer_arguments(ap)
     ap.add_argument("--skip", nargs="*", default=[], help="peers to skip: llama-server llama-cpp-python engine")
     ap.add_argument("--memory-requests", type=int, default=1000, help="0 skips the memory soak")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/latest.md")
@@ -242,9 +248,9 @@ def main() -> None:
         if "engine" not in args.skip:
             from deepserve.engine.llamacpp.loop import LlamaCppEngine
 
-            cpus = allowed_cpus()  # pinned as `deepserve serve` pins its engine (--pin-threads)
+            [cpus] = engine_cpus(args.threads, 1)  # pinned as `deepserve serve` pins its engine (--pin-threads)
             engine = LlamaCppEngine(str(gguf), "engine", ctx_size=args.ctx_size, parallel=args.parallel,
-                                    threads=args.threads, cpus=tuple(cpus) if len(cpus) >= args.threads else None)
+                                    threads=args.threads, cpus=cpus)
             prompt_tokens = engine.tokenize(
                 f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n", add_special=False
             )

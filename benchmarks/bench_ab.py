@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench import http_run, pct, start_llama_server  # noqa: E402
+from benchmarks.bench import add_peer_arguments, http_run, pct, start_llama_server  # noqa: E402
 from deepserve.bundled import bundled_model_path  # noqa: E402
 from tests.server import RunningServer, start_server  # noqa: E402
 
@@ -32,11 +31,7 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", help="NAME=CHECKOUT[:ENV=VALUE,...]")
     ap.add_argument("--streams", type=int, nargs="+", default=[8])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--parallel", type=int, default=8)
-    ap.add_argument("--ctx-size", type=int, default=2048)
-    ap.add_argument("--llama-server", type=Path, default=ROOT / "benchmarks/peers/llama-server")
+    add_peer_arguments(ap)
     args = ap.parse_args()
 
     servers: list[RunningServer] = []

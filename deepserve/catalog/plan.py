@@ -58,14 +58,9 @@ def assign_resources(plans: list[ModelPlan], settings: Settings) -> list[ModelPl
     if not plans:
         return plans
     threads = settings.threads or max(1, available_cores() // len(plans))
-    cpus = allowed_cpus()
-    # Pin only when the engines' threads use every CPU this process may run on: then the CPUs are this process's
-    # to arrange. With fewer threads (an explicit --threads), other work may share the machine (a second
-    # deepserve, say), and pinning each process to the same first CPUs would pile them up there.
-    pin = settings.pin_threads and threads * len(plans) == len(cpus)
-    for index, plan in enumerate(plans):
+    for plan, cpus in zip(plans, engine_cpus(threads, len(plans), pin=settings.pin_threads)):
         plan.threads = threads
-        plan.cpus = tuple(cpus[index * threads:(index + 1) * threads]) if pin else None
+        plan.cpus = cpus
         window = plan.entry.context_window if plan.entry is not None else None
         plan.ctx_size = min(settings.ctx_size, window) if window else settings.ctx_size
     return plans
@@ -77,6 +72,17 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def engine_cpus(threads: int, num_engines: int, *, pin: bool = True) -> list[tuple[int, ...] | None]:
+    """For each of `num_engines` engines of `threads` threads, the CPUs its threads are pinned to (one each), or
+    None. Pinned only when the engines' threads use every CPU this process may run on: then the CPUs are this
+    process's to arrange. With fewer threads (an explicit --threads), other work may share the machine (a second
+    deepserve, say), and pinning each process to the same first CPUs would pile them up there."""
+    cpus = allowed_cpus()
+    if not pin or threads * num_engines != len(cpus):
+        return [None] * num_engines
+    return [tuple(cpus[index * threads:(index + 1) * threads]) for index in range(num_engines)]
 
 
 def allowed_cpus() -> list[int]:

@@ -71,8 +71,9 @@ class _ThreadpoolParams(ctypes.Structure):
     ]
 
 
-def _new_threadpool(num_threads: int, poll: int, cpus: tuple[int, ...] | None = None) -> int:
-    """A ggml CPU threadpool with the given polling level, its threads pinned one to each of `cpus` (if given).
+def _new_threadpool(num_threads: int, poll: int | None, cpus: tuple[int, ...] | None = None) -> int:
+    """A ggml CPU threadpool with the given polling level (None: ggml's default), its threads pinned one to each
+    of `cpus` (if given).
 
     The bindings do not wrap llama_attach_threadpool, so we call the C API directly. Why: by default
     ggml's worker threads spin (poll level 50) between graph computations. In a server, that is
@@ -93,7 +94,8 @@ def _new_threadpool(num_threads: int, poll: int, cpus: tuple[int, ...] | None = 
     cpu.ggml_threadpool_new.restype = ctypes.c_void_p
     cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
     params = base.ggml_threadpool_params_default(num_threads)
-    params.poll = poll
+    if poll is not None:
+        params.poll = poll
     if cpus:
         for index in cpus:
             params.cpumask[index] = True
@@ -162,7 +164,7 @@ class LlamaRunner:
         # One CPU per thread, or none pinned (fewer CPUs than threads: two threads on one CPU is the worst case).
         self.cpus = tuple(cpus[:threads]) if cpus and len(cpus) >= threads else None
         if poll is not None or self.cpus:
-            self._threadpool = _new_threadpool(threads, 50 if poll is None else poll, self.cpus)
+            self._threadpool = _new_threadpool(threads, poll, self.cpus)
             attach = llama_bindings._lib.llama_attach_threadpool
             attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             attach.restype = None
