@@ -134,3 +134,21 @@ def test_non_streaming_client_that_hangs_up_frees_its_slot():
         assert stats["num_generated_tokens"] < 3000
     finally:
         running.stop()
+
+
+def test_served_engine_pins_its_threads_to_the_processs_cpus_unless_told_not_to(server, http):
+    import os
+
+    # The shared server runs with the default thread count (every CPU this process may use): pinned, one each.
+    assert engine_stats(http)["cpus"] == sorted(os.sched_getaffinity(0))
+    unpinned = start_server("--no-pin-threads", "--parallel", "1", "--ctx-size", "256", threads=None)
+    try:
+        with httpx.Client(base_url=unpinned.root_url, headers={"Authorization": f"Bearer {unpinned.api_key}"}) as c:
+            assert engine_stats(c)["cpus"] == []
+            answer = openai.OpenAI(base_url=unpinned.base_url, api_key=unpinned.api_key, max_retries=0)
+            reply = answer.chat.completions.create(model=unpinned.model, max_tokens=3,
+                                                   messages=[{"role": "user", "content": "Hi"}],
+                                                   extra_body={"ignore_eos": True})
+            assert reply.usage.completion_tokens == 3
+    finally:
+        unpinned.stop()
