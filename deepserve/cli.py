@@ -78,6 +78,10 @@ def serve(
     batch_size: int = typer.Option(None, help="Tokens per decode step, caps prefill chunks (default 512)."),
     max_queue: int = typer.Option(None, help="Requests that may wait for a slot before 429 (default 64)."),
     kv_unified: bool = typer.Option(None, "--kv-unified/--kv-split", help="One KV pool for all slots."),
+    cache_ram: int = typer.Option(
+        None, "--cache-ram",
+        help="MiB of RAM per model for slots' KV saved before other requests overwrite them, restored when a "
+             "prompt shares their prefix (default 8192, as llama-server; 0: off)."),
     pin_threads: bool = typer.Option(
         None, "--pin-threads/--no-pin-threads",
         help="Pin each model's llama.cpp threads to CPUs of their own (default on, when the threads use exactly this process's CPUs)."),
@@ -100,7 +104,7 @@ def serve(
         "config": config,
         "data_dir": data_dir, "host": host, "port": port, "threads": threads,
         "ctx_size": ctx_size, "parallel": parallel, "batch_size": batch_size, "max_queue": max_queue,
-        "kv_unified": kv_unified, "poll": poll, "pin_threads": pin_threads, "api_keys": api_key or None, "no_auth": no_auth,
+        "kv_unified": kv_unified, "cache_ram_mib": cache_ram, "poll": poll, "pin_threads": pin_threads, "api_keys": api_key or None, "no_auth": no_auth,
         "sse_keepalive_s": sse_keepalive, "database_url": database_url, "admin_key": admin_key,
         "log_format": log_format, "log_prompts": log_prompts, "shutdown_timeout_s": shutdown_timeout,
         "metrics_key": metrics_key,

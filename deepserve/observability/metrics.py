@@ -129,8 +129,8 @@ class EngineCollector:
     """Engine gauges read from `engine.stats()` at scrape time, one series per served model.
 
     An engine exports what its stats have: `num_waiting` (queue length), `num_running`, and for the
-    llama.cpp engine `kv_used_tokens` / `kv_capacity_tokens` / `kv_cached_tokens`, `num_steps`,
-    `num_decode_errors`. A remote engine may give `kv_cache_usage` (0..1) directly."""
+    llama.cpp engine `kv_used_tokens` / `kv_capacity_tokens` / `kv_cached_tokens`, `prompt_cache` (host
+    memory), `num_steps`, `num_decode_errors`. A remote engine may give `kv_cache_usage` (0..1) directly."""
 
     def __init__(self, models: Callable[[], Iterable[Any]]):
         self._models = models
@@ -148,6 +148,14 @@ class EngineCollector:
         kv_cached = GaugeMetricFamily(
             "deepserve_kv_cache_cached_tokens",
             "Tokens whose KV the slots hold, idle prompt-cache entries included.", labels=["model"])
+        ram_bytes = GaugeMetricFamily(
+            "deepserve_prompt_cache_ram_bytes", "Bytes of slot KV the host-memory prompt cache holds (--cache-ram).",
+            labels=["model"])
+        ram_entries = GaugeMetricFamily("deepserve_prompt_cache_ram_entries", "Saved slot states in host memory.",
+                                        labels=["model"])
+        ram_restored = CounterMetricFamily(
+            "deepserve_prompt_cache_ram_restored_tokens", "Prompt tokens copied back from host memory instead of computed.",
+            labels=["model"])
         steps = CounterMetricFamily("deepserve_engine_steps", "Engine steps (one batched decode each).",
                                     labels=["model"])
         errors = CounterMetricFamily("deepserve_engine_decode_errors", "Failed batched decodes.", labels=["model"])
@@ -170,11 +178,17 @@ class EngineCollector:
                 kv_capacity.add_metric(labels, stats["kv_capacity_tokens"])
             if "kv_cached_tokens" in stats:
                 kv_cached.add_metric(labels, stats["kv_cached_tokens"])
+            ram = stats.get("prompt_cache")
+            if ram:
+                ram_bytes.add_metric(labels, ram["bytes"])
+                ram_entries.add_metric(labels, ram["entries"])
+                ram_restored.add_metric(labels, ram["num_restored_tokens"])
             if "num_steps" in stats:
                 steps.add_metric(labels, stats["num_steps"])
             if "num_decode_errors" in stats:
                 errors.add_metric(labels, stats["num_decode_errors"])
-        yield from (waiting, running, kv_usage, kv_capacity, kv_cached, steps, errors)
+        yield from (waiting, running, kv_usage, kv_capacity, kv_cached, ram_bytes, ram_entries, ram_restored, steps,
+                    errors)
 
 
 class _Page:

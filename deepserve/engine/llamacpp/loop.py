@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from deepserve.engine.collector import Postbox, RequestCollector
 from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner
-from deepserve.engine.llamacpp.scheduler import ScheduledChunk, Scheduler, Sequence, StepPlan
+from deepserve.engine.llamacpp.scheduler import Admission, ScheduledChunk, Scheduler, Sequence, StepPlan
+from deepserve.engine.prompt_cache import MIB, HostPromptCache
 from deepserve.engine.stop import StopStringMatcher
 from deepserve.engine.types import (
     FinishReason,
@@ -76,6 +77,7 @@ class LlamaCppEngine:
         gather_s: float = 0.004,
         gather_max_s: float = 0.03,
         cpus: tuple[int, ...] | None = None,
+        cache_ram_mib: int = 8192,
     ):
         self.model_id = model_id
         self.model_path = model_path
@@ -93,7 +95,9 @@ class LlamaCppEngine:
             cpus=cpus,
         )
         self.ctx_size = self.runner.ctx_size_per_seq  # never past the model's training window
-        self.scheduler = Scheduler(parallel, batch_size)
+        # Slots' KV saved in RAM before new requests overwrite them (llama-server's --cache-ram; 0: off).
+        self.host_cache = HostPromptCache(cache_ram_mib * MIB) if cache_ram_mib > 0 else None
+        self.scheduler = Scheduler(parallel, batch_size, self.host_cache)
         # What the engine feeds to end a reasoning block whose budget is spent ("</think>\n\n").
         self._close_tokens = tuple(self.runner.tokenize(FORCED_CLOSE, add_special=False, parse_special=True))
         self.counters = EngineCounters()
@@ -201,6 +205,17 @@ class LlamaCppEngine:
             "kv_capacity_tokens": self.ctx_size * self.parallel,
             "kv_used_tokens": kv_used,
             "kv_cached_tokens": kv_cached,
+            "prompt_cache": self._host_cache_stats(),
+        }
+
+    def _host_cache_stats(self) -> dict | None:
+        cache = self.host_cache
+        if cache is None:
+            return None
+        return {
+            "limit_bytes": cache.limit_bytes, "bytes": cache.num_bytes, "entries": len(cache),
+            "tokens": cache.num_tokens, "num_saved": cache.stats.num_saved, "num_restored": cache.stats.num_restored,
+            "num_restored_tokens": cache.stats.num_restored_tokens, "num_evicted": cache.stats.num_evicted,
         }
 
     def close(self) -> None:
@@ -282,7 +297,7 @@ class LlamaCppEngine:
                 self._num_queued -= len(plan.admissions)
         for admission in plan.admissions:
             try:
-                self._start(admission.sequence, admission.seq_id, admission.num_reused)
+                self._start(admission)
             except ValueError as exc:  # this request's grammar: fail it alone
                 self._finish(admission.sequence, RequestStatus.FINISHED_ERROR, error=str(exc))
         chunks = [c for c in plan.chunks if not c.sequence.status.is_finished]
@@ -362,7 +377,9 @@ class LlamaCppEngine:
         state.close_forced = True
         return list(self._close_tokens)
 
-    def _start(self, seq: Sequence, seq_id: int, num_reused: int) -> None:
+    def _start(self, admission: Admission) -> None:
+        seq, seq_id = admission.sequence, admission.seq_id
+        self._swap_cached_kv(admission)
         state: _SequenceState = seq.state
         params = seq.request.sampling
         seed = params.seed if params.seed is not None else random.getrandbits(32)
@@ -376,11 +393,31 @@ class LlamaCppEngine:
         if params.tool_format is not None:
             state.tools = ToolCallParser(params.tool_format)
             state.special_pieces = True
-        self.runner.keep_prefix(seq_id, num_reused)
+        self.runner.keep_prefix(seq_id, seq.num_computed)
         self.counters.num_prompt_tokens += len(seq.prompt_tokens)
-        self.counters.num_cached_prompt_tokens += num_reused
+        self.counters.num_cached_prompt_tokens += seq.num_computed
         if params.grammar is not None:
             state.grammar = self.runner.new_grammar(params.grammar.gbnf, params.grammar.root)  # ValueError: bad
+
+    def _swap_cached_kv(self, admission: Admission) -> None:
+        """Before the slot is reused: save its KV to the host cache, then copy a saved state into it (the
+        scheduler decided which). A state that does not fit back (a unified KV pool that is full) only costs
+        the reuse: the prompt is computed."""
+        cache = self.host_cache
+        if cache is None:
+            return
+        if admission.save is not None:
+            try:
+                cache.add(admission.save, self.runner.save_state(admission.seq_id))
+            except (DecodeError, MemoryError) as exc:  # the cache is an optimisation: never fail a request for it
+                log.warning("could not save sequence %d to the prompt cache: %s", admission.seq_id, exc)
+        saved = admission.restore
+        if saved is not None:
+            if self.runner.load_state(admission.seq_id, saved.state):
+                cache.touch(saved, admission.num_reused)
+            else:
+                log.warning("could not restore %d cached tokens into sequence %d", len(saved.tokens), admission.seq_id)
+                self.scheduler.forget_reuse(admission.sequence)
 
     def _prompt_tail(self, prompt_tokens: list[int], num_tokens: int = 32) -> str:
         """The end of the prompt as text, special tokens included (where a template may have opened <think>)."""

@@ -257,6 +257,23 @@ class LlamaRunner:
             llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             raise DecodeError(f"could not trim the KV cache of sequence {seq_id} to {num_keep} tokens")
 
+    def save_state(self, seq_id: int) -> ctypes.Array:
+        """A copy of this sequence's KV (llama_state_seq_get_data_ext), for the host-memory prompt cache."""
+        size = llama.llama_state_seq_get_size_ext(self._ctx, seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data_ext(self._ctx, buffer, size, seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)
+        if written != size:
+            raise DecodeError(f"could not save the KV cache of sequence {seq_id} ({written} of {size} bytes)")
+        return buffer
+
+    def load_state(self, seq_id: int, state: ctypes.Array) -> bool:
+        """Replace this sequence's KV with a saved copy. False (and the sequence empty) if it did not fit."""
+        read = llama.llama_state_seq_set_data_ext(self._ctx, state, len(state), seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)
+        if read != len(state):
+            llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            return False
+        return True
+
     # ---- decode ------------------------------------------------------------------------------
     def decode(self, entries: list[BatchEntry]) -> list[int]:
         """Run one llama_decode over all entries; return each entry's logits row (-1: none)."""

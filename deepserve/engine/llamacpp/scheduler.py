@@ -7,6 +7,9 @@ One call to `schedule()` plans one engine step:
    a long prompt is spread over several steps instead of freezing everyone else);
 3. waiting requests are admitted into free slots, preferring the slot whose cached KV shares the
    longest prefix with the prompt (prompt cache, like llama.cpp's server), and start prefilling at once.
+   With a host-memory cache (`prompt_cache.HostPromptCache`), a slot's KV that a new request is about to
+   overwrite is saved there first, and a saved state that shares a longer prefix than any free slot is
+   copied back into one.
 
 After the runner has decoded the step, `commit()` advances each scheduled sequence.
 """
@@ -17,7 +20,12 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
+from deepserve.engine.prompt_cache import HostPromptCache, SavedPrompt, common_prefix_length
 from deepserve.engine.types import GenerateRequest, RequestStatus
+
+# A slot's KV is saved to the host cache before it is overwritten when the new request keeps less than half of
+# it, or loses at least this many tokens (llama.cpp's server saves when it keeps less than half).
+SAVE_MIN_LOST_TOKENS = 64
 
 
 @dataclass(slots=True, eq=False)
@@ -77,11 +85,14 @@ class ScheduledChunk:
 
 @dataclass(slots=True)
 class Admission:
-    """A waiting request placed in a slot: the runner must first drop the slot's KV beyond `num_reused`."""
+    """A waiting request placed in a slot. The engine first saves the slot's KV to the host cache (`save`: the
+    tokens it holds), then copies `restore`'s state into the slot, then drops the KV beyond `num_reused`."""
 
     sequence: Sequence
     seq_id: int
     num_reused: int
+    save: list[int] | None = None
+    restore: SavedPrompt | None = None
 
 
 @dataclass(slots=True)
@@ -98,20 +109,13 @@ class StepPlan:
         return not self.chunks
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int):
+    def __init__(self, num_slots: int, token_budget: int, host_cache: HostPromptCache | None = None):
         if token_budget < num_slots:
             raise ValueError("the token budget (n_batch) must be at least the number of slots")
         self.slots = [Slot(seq_id=i) for i in range(num_slots)]
         self.token_budget = token_budget
+        self.host_cache = host_cache
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order
         self._step = 0
@@ -150,11 +154,11 @@ class Scheduler:
             if seq.status == RequestStatus.PREFILL and budget > 0:
                 budget -= self._plan_prefill(seq, budget, plan)
         while self.waiting and budget > 0:
-            slot = self._pick_slot(self.waiting[0].prompt_tokens)
+            slot, saved = self._pick_slot(self.waiting[0].prompt_tokens)
             if slot is None:
                 break
             seq = self.waiting.popleft()
-            plan.admissions.append(self._admit(seq, slot))
+            plan.admissions.append(self._admit(seq, slot, saved))
             budget -= self._plan_prefill(seq, budget, plan)
         return plan
 
@@ -165,26 +169,54 @@ class Scheduler:
         plan.chunks.append(ScheduledChunk(seq, seq.num_computed, tokens, end == num_prompt))
         return len(tokens)
 
-    def _pick_slot(self, prompt: list[int]) -> Slot | None:
+    def _pick_slot(self, prompt: list[int]) -> tuple[Slot | None, SavedPrompt | None]:
+        """The free slot to use, and the host-cache entry to copy into it first (if any)."""
         free = [slot for slot in self.slots if slot.is_free]
         if not free:
-            return None
+            return None, None
         # Longest shared prefix first; among equals the least recently used, to keep hot caches.
-        return max(free, key=lambda s: (common_prefix_length(s.cached_tokens, prompt), -s.last_used_step))
+        best = max(free, key=lambda s: (common_prefix_length(s.cached_tokens, prompt), -s.last_used_step))
+        if self.host_cache is not None:
+            saved, num_shared = self.host_cache.best(prompt)
+            if saved is not None and _reusable(num_shared, prompt) > _reusable(
+                common_prefix_length(best.cached_tokens, prompt), prompt
+            ):
+                # The slot's own KV will be replaced: take an empty one, else the least recently used.
+                return min(free, key=lambda s: (bool(s.cached_tokens), s.last_used_step)), saved
+        return best, None
 
-    def _admit(self, seq: Sequence, slot: Slot) -> Admission:
-        # At least the last prompt token is recomputed: its logits are needed to sample.
-        num_reused = min(common_prefix_length(slot.cached_tokens, seq.prompt_tokens), len(seq.prompt_tokens) - 1)
-        num_reused = max(num_reused, 0)
+    def _admit(self, seq: Sequence, slot: Slot, saved: SavedPrompt | None = None) -> Admission:
+        prompt = seq.prompt_tokens
+        old = slot.cached_tokens
+        if saved is not None:
+            num_reused = _reusable(common_prefix_length(saved.tokens, prompt), prompt)
+            num_kept = 0
+            cached = saved.tokens[:num_reused]
+        else:
+            num_reused = num_kept = _reusable(common_prefix_length(old, prompt), prompt)
+            cached = old[:num_reused]
+        num_lost = len(old) - num_kept
+        save = None
+        if (self.host_cache is not None and num_lost > 0
+                and (2 * num_kept < len(old) or num_lost >= SAVE_MIN_LOST_TOKENS)
+                and not self.host_cache.covers(old)):
+            save = old
         slot.sequence = seq
-        slot.cached_tokens = slot.cached_tokens[:num_reused]
+        slot.cached_tokens = list(cached)
         slot.last_used_step = self._step
         seq.slot = slot
         seq.num_computed = num_reused
         seq.num_cached = num_reused
         seq.status = RequestStatus.PREFILL
         self.running.append(seq)
-        return Admission(seq, slot.seq_id, num_reused)
+        return Admission(seq, slot.seq_id, num_reused, save=save, restore=saved)
+
+    def forget_reuse(self, seq: Sequence) -> None:
+        """The slot's KV could not be restored: the admitted sequence computes its whole prompt."""
+        seq.num_computed = 0
+        seq.num_cached = 0
+        if seq.slot is not None:
+            seq.slot.cached_tokens = []
 
     # ---- after the step ----------------------------------------------------------------------
     def commit(self, chunk: ScheduledChunk, sampled_token: int | None) -> None:
@@ -216,3 +248,8 @@ class Scheduler:
             if not keep_cache:
                 slot.cached_tokens = []
             seq.slot = None
+
+
+def _reusable(num_shared: int, prompt: list[int]) -> int:
+    """Prompt tokens whose KV can be reused: at least the last one is recomputed (its logits are sampled)."""
+    return max(min(num_shared, len(prompt) - 1), 0)

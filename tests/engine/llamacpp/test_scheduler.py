@@ -161,3 +161,76 @@ def test_pending_tokens_share_the_budget_and_every_decoder_keeps_a_place():
     plan = run_step(s, sampled=12)
     assert (plan.chunks[0].tokens, plan.chunks[0].want_logits) == ([8], True)
     assert a.output_tokens == [99, 5, 6, 7, 8, 12] and a.num_computed == 1 + 5
+
+
+# ---- with a host-memory prompt cache -----------------------------------------------------------
+def finish(s: Scheduler, x: Sequence) -> None:
+    s.finish(x, RequestStatus.FINISHED_STOPPED)
+
+
+def test_a_slot_about_to_lose_most_of_its_kv_is_saved_first():
+    from deepserve.engine.prompt_cache import HostPromptCache
+
+    s = Scheduler(num_slots=1, token_budget=64, host_cache=HostPromptCache(1000))
+    a = seq([1, 2, 3, 4, 5, 6], "a")
+    s.add(a)
+    run_step(s)
+    run_step(s)  # the slot now holds the prompt and the first output token
+    finish(s, a)
+    b = seq([1, 2, 7, 8], "b")  # keeps 2 of 7 cached tokens
+    s.add(b)
+    plan = s.schedule()
+    [admission] = plan.admissions
+    assert admission.save == [1, 2, 3, 4, 5, 6, 99] and admission.restore is None
+    assert admission.num_reused == 2 and b.slot.cached_tokens == [1, 2]
+
+
+def test_a_slot_that_keeps_most_of_its_kv_is_not_saved():
+    from deepserve.engine.prompt_cache import HostPromptCache
+
+    s = Scheduler(num_slots=1, token_budget=64, host_cache=HostPromptCache(1000))
+    a = seq([1, 2, 3, 4, 5, 6], "a")
+    s.add(a)
+    run_step(s)
+    finish(s, a)
+    s.add(seq([1, 2, 3, 4, 5, 9], "b"))  # keeps 5 of 6
+    [admission] = s.schedule().admissions
+    assert admission.save is None and admission.num_reused == 5
+
+
+def test_a_saved_state_sharing_more_than_any_free_slot_is_restored_into_the_least_recently_used_slot():
+    from deepserve.engine.prompt_cache import HostPromptCache
+
+    cache = HostPromptCache(1000)
+    cache.add([1, 2, 3, 4, 5, 6, 7], b"x" * 10)
+    s = Scheduler(num_slots=2, token_budget=64, host_cache=cache)
+    old, recent = seq([1, 2, 8], "old"), seq([1, 2, 9], "recent")
+    s.add(old)
+    run_step(s)
+    s.add(recent)
+    run_step(s)
+    finish(s, old)
+    finish(s, recent)
+    c = seq([1, 2, 3, 4, 5, 0], "c")
+    s.add(c)
+    [admission] = s.schedule().admissions
+    assert admission.restore is not None and admission.restore.tokens == [1, 2, 3, 4, 5, 6, 7]
+    assert admission.seq_id == 0  # old's slot, used least recently
+    assert admission.num_reused == 5 and c.num_cached == 5 and c.slot.cached_tokens == [1, 2, 3, 4, 5]
+    assert admission.save == [1, 2, 8, 99]  # old's KV would be replaced whole: saved first
+
+    s.forget_reuse(c)  # the engine could not copy it back: the prompt is computed from the start
+    assert c.num_computed == 0 and c.num_cached == 0 and c.slot.cached_tokens == []
+
+
+def test_a_whole_prompt_in_the_cache_still_leaves_its_last_token_to_compute():
+    from deepserve.engine.prompt_cache import HostPromptCache
+
+    cache = HostPromptCache(1000)
+    cache.add([1, 2, 3], b"x")
+    s = Scheduler(num_slots=1, token_budget=64, host_cache=cache)
+    c = seq([1, 2, 3], "c")
+    s.add(c)
+    plan = s.schedule()
+    assert plan.admissions[0].num_reused == 2 and plan.admissions[0].restore is not None
+    assert [(ch.start, ch.tokens) for ch in plan.chunks] == [(2, [3])]

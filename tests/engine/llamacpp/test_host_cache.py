@@ -1,0 +1,98 @@
+"""The host-memory prompt cache on the real engine (bundled model, in-process): a conversation pushed out of the
+only slot by another one comes back from RAM, and generates exactly what it generates when computed afresh."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deepserve.bundled import bundled_model_path
+from deepserve.engine.llamacpp.loop import LlamaCppEngine
+from deepserve.engine.types import GenerateRequest, SamplingParams
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(cache_ram_mib: int, *, parallel: int = 1, kv_unified: bool = False) -> LlamaCppEngine:
+    return LlamaCppEngine(str(bundled_model_path()), "smollm2", ctx_size=512, parallel=parallel, threads=2,
+                          cache_ram_mib=cache_ram_mib, kv_unified=kv_unified)
+
+
+def chat(engine: LlamaCppEngine, text: str) -> list[int]:
+    return engine.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n", add_special=False)
+
+
+async def generate(engine: LlamaCppEngine, prompt: list[int]) -> tuple[list[int], int]:
+    """Output tokens and the number of prompt tokens the engine reused."""
+    tokens, cached = [], -1
+    async for delta in engine.submit(GenerateRequest(list(prompt), PARAMS)):
+        tokens += delta.token_ids
+        if delta.finish_reason is not None:
+            cached = delta.num_cached_tokens
+    return tokens, cached
+
+
+def conversation(engine: LlamaCppEngine) -> tuple[list[int], list[int]]:
+    first = chat(engine, "Tell me a long story about a lighthouse keeper and the storm that changed his life. " * 3)
+    other = chat(engine, "What is the capital of France? Answer in one word, then explain why in detail. " * 3)
+    return first, other
+
+
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["split-kv", "unified-kv"])
+def test_a_prompt_pushed_out_of_its_slot_is_restored_from_ram_and_decodes_the_same(kv_unified: bool):
+    engine = make_engine(64, kv_unified=kv_unified)
+    try:
+        first, other = conversation(engine)
+        fresh, cached_fresh = asyncio.run(generate(engine, first))
+        assert cached_fresh == 0
+        asyncio.run(generate(engine, other))  # takes the only slot: `first` (and its output) is saved to RAM
+        stats = engine.stats()["prompt_cache"]
+        assert stats["entries"] == 1 and stats["num_saved"] == 1
+        assert stats["tokens"] == len(first) + PARAMS.max_tokens - 1  # the last sampled token was never decoded
+        assert 0 < stats["bytes"] <= stats["limit_bytes"]
+
+        again, cached_again = asyncio.run(generate(engine, first))
+        assert cached_again == len(first) - 1  # all but the last prompt token, whose logits are sampled
+        assert again == fresh  # the restored KV is the KV: greedy decoding goes the same way
+        stats = engine.stats()["prompt_cache"]
+        assert stats["num_restored"] == 1 and stats["num_restored_tokens"] == len(first) - 1
+        assert stats["entries"] == 2  # `other` was saved when `first` came back; `first`'s copy stays
+        assert engine.counters.num_cached_prompt_tokens == len(first) - 1 + common_system_prefix(first, other)
+    finally:
+        engine.close()
+
+
+def common_system_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_without_the_ram_cache_the_pushed_out_prompt_is_computed_again():
+    engine = make_engine(0)
+    try:
+        first, other = conversation(engine)
+        fresh, _ = asyncio.run(generate(engine, first))
+        asyncio.run(generate(engine, other))
+        again, cached_again = asyncio.run(generate(engine, first))
+        assert engine.stats()["prompt_cache"] is None
+        assert cached_again == common_system_prefix(first, other)  # only what `other` left in the slot
+        assert again == fresh
+    finally:
+        engine.close()
+
+
+def test_a_cache_too_small_for_one_state_keeps_nothing_and_still_serves():
+    engine = make_engine(1)  # 1 MiB: less than one of these prompts' KV (about 23 KiB a token here)
+    try:
+        first, other = conversation(engine)
+        fresh, _ = asyncio.run(generate(engine, first))
+        asyncio.run(generate(engine, other))
+        again, _ = asyncio.run(generate(engine, first))
+        stats = engine.stats()["prompt_cache"]
+        assert stats["entries"] == 0 and stats["bytes"] == 0 and stats["num_saved"] == 0
+        assert again == fresh
+    finally:
+        engine.close()
