@@ -56,6 +56,7 @@ class EngineCounters:
     num_requests_finished: int = 0
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
+    num_shared_prompt_tokens: int = 0  # of those, copied from another running sequence's slot
     num_generated_tokens: int = 0
     num_decode_errors: int = 0
 
@@ -200,6 +201,7 @@ class LlamaCppEngine:
             "num_requests_finished": c.num_requests_finished,
             "num_prompt_tokens": c.num_prompt_tokens,
             "num_cached_prompt_tokens": c.num_cached_prompt_tokens,
+            "num_shared_prompt_tokens": c.num_shared_prompt_tokens,
             "num_generated_tokens": c.num_generated_tokens,
             "num_decode_errors": c.num_decode_errors,
             "kv_capacity_tokens": self.ctx_size * self.parallel,
@@ -400,24 +402,32 @@ class LlamaCppEngine:
             state.grammar = self.runner.new_grammar(params.grammar.gbnf, params.grammar.root)  # ValueError: bad
 
     def _swap_cached_kv(self, admission: Admission) -> None:
-        """Before the slot is reused: save its KV to the host cache, then copy a saved state into it (the
-        scheduler decided which). A state that does not fit back (a unified KV pool that is full) only costs
+        """Before the slot is reused: save its KV to the host cache, then copy in the KV the scheduler chose (a
+        saved state, or a busy slot's). KV that cannot be copied (a unified KV pool that is full) only costs
         the reuse: the prompt is computed."""
-        cache = self.host_cache
-        if cache is None:
-            return
-        if admission.save is not None:
+        cache, seq_id = self.host_cache, admission.seq_id
+        if admission.save is not None and cache is not None:
             try:
-                cache.add(admission.save, self.runner.save_state(admission.seq_id))
+                cache.add(admission.save, self.runner.save_state(seq_id))
             except (DecodeError, MemoryError) as exc:  # the cache is an optimisation: never fail a request for it
-                log.warning("could not save sequence %d to the prompt cache: %s", admission.seq_id, exc)
-        saved = admission.restore
-        if saved is not None:
-            if self.runner.load_state(admission.seq_id, saved.state):
-                cache.touch(saved, admission.num_reused)
+                log.warning("could not save sequence %d to the prompt cache: %s", seq_id, exc)
+        if admission.restore is None and admission.copy_from is None:
+            return
+        try:
+            state = admission.restore.state if admission.restore is not None else self.runner.save_state(
+                admission.copy_from)
+            copied = self.runner.load_state(seq_id, state)
+        except (DecodeError, MemoryError):
+            copied = False
+        # The copy must hold every position the sequence skips (the source may have been trimmed this step).
+        if copied and self.runner.num_positions(seq_id) >= admission.num_reused:
+            if admission.restore is not None and cache is not None:
+                cache.touch(admission.restore, admission.num_reused)
             else:
-                log.warning("could not restore %d cached tokens into sequence %d", len(saved.tokens), admission.seq_id)
-                self.scheduler.forget_reuse(admission.sequence)
+                self.counters.num_shared_prompt_tokens += admission.num_reused
+        else:
+            log.warning("could not copy %d cached tokens into sequence %d", admission.num_reused, seq_id)
+            self.scheduler.forget_reuse(admission.sequence)
 
     def _prompt_tail(self, prompt_tokens: list[int], num_tokens: int = 32) -> str:
         """The end of the prompt as text, special tokens included (where a template may have opened <think>)."""

@@ -257,6 +257,10 @@ class LlamaRunner:
             llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             raise DecodeError(f"could not trim the KV cache of sequence {seq_id} to {num_keep} tokens")
 
+    def num_positions(self, seq_id: int) -> int:
+        """Positions 0..n-1 of this sequence that the KV holds (n = its highest position + 1; 0 when empty)."""
+        return llama.llama_memory_seq_pos_max(self._memory, seq_id) + 1
+
     def save_state(self, seq_id: int) -> ctypes.Array:
         """A copy of this sequence's KV (llama_state_seq_get_data_ext), for the host-memory prompt cache."""
         size = llama.llama_state_seq_get_size_ext(self._ctx, seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)

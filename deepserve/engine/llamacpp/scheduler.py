@@ -9,7 +9,9 @@ One call to `schedule()` plans one engine step:
    longest prefix with the prompt (prompt cache, like llama.cpp's server), and start prefilling at once.
    With a host-memory cache (`prompt_cache.HostPromptCache`), a slot's KV that a new request is about to
    overwrite is saved there first, and a saved state that shares a longer prefix than any free slot is
-   copied back into one.
+   copied back into one. A busy slot's KV is copied the same way: requests that share a prompt (a burst of
+   identical ones, `n` > 1, a common system prompt) compute it once. A request whose prefix another one is
+   still prefilling waits for it (a step or so) instead of computing it alongside.
 
 After the runner has decoded the step, `commit()` advances each scheduled sequence.
 """
@@ -26,6 +28,12 @@ from deepserve.engine.types import GenerateRequest, RequestStatus
 # A slot's KV is saved to the host cache before it is overwritten when the new request keeps less than half of
 # it, or loses at least this many tokens (llama.cpp's server saves when it keeps less than half).
 SAVE_MIN_LOST_TOKENS = 64
+# A request waits for another's prefill when that will let it reuse at least this many more tokens than it can
+# now: waiting costs it about one step; computing the tokens alongside costs every sequence in the step.
+WAIT_MIN_GAIN_TOKENS = 16
+# A saved or busy slot's KV is copied whole; it is only copied when the request reuses at least this share of it
+# (llama.cpp's server: "don't trash large prompts", f_keep >= 0.25).
+COPY_MIN_SHARE = 0.25
 
 
 @dataclass(slots=True, eq=False)
@@ -93,6 +101,18 @@ class Admission:
     num_reused: int
     save: list[int] | None = None
     restore: SavedPrompt | None = None
+    copy_from: int | None = None  # a busy slot's seq id: copy its KV in (instead of restore)
+
+
+@dataclass(slots=True)
+class _Placement:
+    slot: Slot
+    num_reused: int
+    restore: SavedPrompt | None = None
+    copy_from: Slot | None = None
+
+
+_WAIT = object()  # _place's answer when the request should wait for another's prefill
 
 
 @dataclass(slots=True)
@@ -153,13 +173,18 @@ class Scheduler:
         for seq in self.running:
             if seq.status == RequestStatus.PREFILL and budget > 0:
                 budget -= self._plan_prefill(seq, budget, plan)
+        held: list[Sequence] = []
         while self.waiting and budget > 0:
-            slot, saved = self._pick_slot(self.waiting[0].prompt_tokens)
-            if slot is None:
+            placement = self._place(self.waiting[0].prompt_tokens)
+            if placement is None:
                 break
             seq = self.waiting.popleft()
-            plan.admissions.append(self._admit(seq, slot, saved))
+            if placement is _WAIT:
+                held.append(seq)  # the ones behind it may go ahead
+                continue
+            plan.admissions.append(self._admit(seq, placement))
             budget -= self._plan_prefill(seq, budget, plan)
+        self.waiting.extendleft(reversed(held))
         return plan
 
     def _plan_prefill(self, seq: Sequence, budget: int, plan: StepPlan) -> int:
@@ -169,32 +194,47 @@ class Scheduler:
         plan.chunks.append(ScheduledChunk(seq, seq.num_computed, tokens, end == num_prompt))
         return len(tokens)
 
-    def _pick_slot(self, prompt: list[int]) -> tuple[Slot | None, SavedPrompt | None]:
-        """The free slot to use, and the host-cache entry to copy into it first (if any)."""
+    def _place(self, prompt: list[int]) -> _Placement | object | None:
+        """Where a prompt goes: a free slot, and the KV to copy into it first (a saved state or a busy slot's),
+        whichever lets it reuse the most; _WAIT to wait for a prefill in progress; None if no slot is free."""
         free = [slot for slot in self.slots if slot.is_free]
         if not free:
-            return None, None
+            return None
         # Longest shared prefix first; among equals the least recently used, to keep hot caches.
         best = max(free, key=lambda s: (common_prefix_length(s.cached_tokens, prompt), -s.last_used_step))
+        in_place = _reusable(common_prefix_length(best.cached_tokens, prompt), prompt)
+        copy_reuse, restore, copy_from = 0, None, None
         if self.host_cache is not None:
-            saved, num_shared = self.host_cache.best(prompt)
-            if saved is not None and _reusable(num_shared, prompt) > _reusable(
-                common_prefix_length(best.cached_tokens, prompt), prompt
-            ):
-                # The slot's own KV will be replaced: take an empty one, else the least recently used.
-                return min(free, key=lambda s: (bool(s.cached_tokens), s.last_used_step)), saved
-        return best, None
+            saved, shared = self.host_cache.best(prompt)
+            if saved is not None and _worth_copying(shared, len(saved.tokens)):
+                copy_reuse, restore = _reusable(shared, prompt), saved
+        pending = 0
+        for seq in self.running:
+            held = seq.slot.cached_tokens
+            shared = common_prefix_length(held, prompt)
+            if _reusable(shared, prompt) > copy_reuse and _worth_copying(shared, len(held)):
+                copy_reuse, restore, copy_from = _reusable(shared, prompt), None, seq.slot
+            if seq.status == RequestStatus.PREFILL:  # what its slot will hold once the prefill is done
+                shared = common_prefix_length(seq.prompt_tokens, prompt)
+                if _worth_copying(shared, len(seq.prompt_tokens)):
+                    pending = max(pending, _reusable(shared, prompt))
+        if pending - max(in_place, copy_reuse) >= WAIT_MIN_GAIN_TOKENS:
+            return _WAIT
+        if copy_reuse > in_place:
+            # The slot's own KV will be replaced: take an empty one, else the least recently used.
+            victim = min(free, key=lambda s: (bool(s.cached_tokens), s.last_used_step))
+            return _Placement(victim, copy_reuse, restore=restore, copy_from=copy_from)
+        return _Placement(best, in_place)
 
-    def _admit(self, seq: Sequence, slot: Slot, saved: SavedPrompt | None = None) -> Admission:
-        prompt = seq.prompt_tokens
+    def _admit(self, seq: Sequence, placement: _Placement) -> Admission:
+        slot, num_reused = placement.slot, placement.num_reused
         old = slot.cached_tokens
-        if saved is not None:
-            num_reused = _reusable(common_prefix_length(saved.tokens, prompt), prompt)
-            num_kept = 0
-            cached = saved.tokens[:num_reused]
+        if placement.restore is not None:
+            cached, num_kept = placement.restore.tokens[:num_reused], 0
+        elif placement.copy_from is not None:
+            cached, num_kept = placement.copy_from.cached_tokens[:num_reused], 0
         else:
-            num_reused = num_kept = _reusable(common_prefix_length(old, prompt), prompt)
-            cached = old[:num_reused]
+            cached, num_kept = old[:num_reused], num_reused
         num_lost = len(old) - num_kept
         save = None
         if (self.host_cache is not None and num_lost > 0
@@ -209,7 +249,8 @@ class Scheduler:
         seq.num_cached = num_reused
         seq.status = RequestStatus.PREFILL
         self.running.append(seq)
-        return Admission(seq, slot.seq_id, num_reused, save=save, restore=saved)
+        copy_from = placement.copy_from.seq_id if placement.copy_from is not None else None
+        return Admission(seq, slot.seq_id, num_reused, save=save, restore=placement.restore, copy_from=copy_from)
 
     def forget_reuse(self, seq: Sequence) -> None:
         """The slot's KV could not be restored: the admitted sequence computes its whole prompt."""
@@ -253,3 +294,7 @@ class Scheduler:
 def _reusable(num_shared: int, prompt: list[int]) -> int:
     """Prompt tokens whose KV can be reused: at least the last one is recomputed (its logits are sampled)."""
     return max(min(num_shared, len(prompt) - 1), 0)
+
+
+def _worth_copying(num_shared: int, num_held: int) -> bool:
+    return num_shared > 0 and num_shared >= COPY_MIN_SHARE * num_held

@@ -234,3 +234,67 @@ def test_a_whole_prompt_in_the_cache_still_leaves_its_last_token_to_compute():
     plan = s.schedule()
     assert plan.admissions[0].num_reused == 2 and plan.admissions[0].restore is not None
     assert [(ch.start, ch.tokens) for ch in plan.chunks] == [(2, [3])]
+
+
+# ---- sharing a prompt with a busy slot -----------------------------------------------------------
+SYSTEM = list(range(1000, 1040))  # a 40-token prompt prefix many requests share
+
+
+def test_a_burst_of_identical_prompts_prefills_once_and_the_rest_copy_it():
+    s = Scheduler(num_slots=4, token_budget=256)
+    burst = [seq(SYSTEM + [1, 2], f"r{i}") for i in range(3)]
+    for x in burst:
+        s.add(x)
+    first = s.schedule()
+    assert [a.sequence for a in first.admissions] == [burst[0]]  # the others wait for its prefill
+    assert list(s.waiting) == burst[1:]
+    for chunk in first.chunks:
+        s.commit(chunk, 99)
+    second = s.schedule()
+    assert [(a.sequence, a.copy_from, a.num_reused) for a in second.admissions] == [
+        (burst[1], burst[0].slot.seq_id, 41), (burst[2], burst[0].slot.seq_id, 41)]
+    # the leader decodes its token; each follower computes only the last prompt token (its logits are sampled)
+    assert [(c.sequence, c.start, c.tokens) for c in second.chunks] == [
+        (burst[0], 42, [99]), (burst[1], 41, [2]), (burst[2], 41, [2])]
+    assert burst[1].slot.cached_tokens == SYSTEM + [1]
+
+
+def test_short_shared_prompts_are_computed_together_rather_than_wait():
+    s = Scheduler(num_slots=4, token_budget=256)
+    pair = [seq([1, 2, 3, 4, 5], "a"), seq([1, 2, 3, 4, 5], "b")]  # sharing 4 tokens is not worth a step
+    for x in pair:
+        s.add(x)
+    assert [a.sequence for a in s.schedule().admissions] == pair
+
+
+def test_a_request_waiting_for_a_prefill_lets_an_unrelated_one_go_first():
+    s = Scheduler(num_slots=4, token_budget=256)
+    leader, follower, other = seq(SYSTEM + [1], "leader"), seq(SYSTEM + [2], "follower"), seq([7, 8], "other")
+    for x in (leader, follower, other):
+        s.add(x)
+    assert [a.sequence for a in s.schedule().admissions] == [leader, other]
+    assert list(s.waiting) == [follower]
+
+
+def test_a_prompt_sharing_a_busy_slots_prefix_copies_it_instead_of_computing_it():
+    s = Scheduler(num_slots=2, token_budget=256)
+    busy = seq(SYSTEM + [1, 2, 3], "busy")
+    s.add(busy)
+    run_step(s)
+    run_step(s)  # decoding now
+    newcomer = seq(SYSTEM + [4, 5], "new")
+    s.add(newcomer)
+    [admission] = s.schedule().admissions
+    assert admission.copy_from == busy.slot.seq_id and admission.num_reused == 40
+    assert newcomer.num_cached == 40 and newcomer.slot.cached_tokens == SYSTEM
+
+
+def test_a_small_prefix_of_a_long_busy_history_is_not_worth_copying():
+    s = Scheduler(num_slots=2, token_budget=512)
+    busy = seq(SYSTEM[:20] + list(range(200)), "busy")  # 220 tokens held, a newcomer would reuse 20 (< 1/4)
+    s.add(busy)
+    run_step(s)
+    newcomer = seq(SYSTEM[:20] + [9, 9], "new")
+    s.add(newcomer)
+    [admission] = s.schedule().admissions
+    assert admission.copy_from is None and admission.num_reused == 0
