@@ -59,6 +59,10 @@ class DecodeError(RuntimeError):
     pass
 
 
+def _bytes_pointer(array: np.ndarray):
+    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
+
 class _ThreadpoolParams(ctypes.Structure):
     # ggml.h `struct ggml_threadpool_params` (GGML_MAX_N_THREADS = 512)
     _fields_ = [
@@ -261,18 +265,21 @@ class LlamaRunner:
         """Positions 0..n-1 of this sequence that the KV holds (n = its highest position + 1; 0 when empty)."""
         return llama.llama_memory_seq_pos_max(self._memory, seq_id) + 1
 
-    def save_state(self, seq_id: int) -> ctypes.Array:
-        """A copy of this sequence's KV (llama_state_seq_get_data_ext), for the host-memory prompt cache."""
+    def save_state(self, seq_id: int) -> np.ndarray:
+        """A copy of this sequence's KV (llama_state_seq_get_data_ext), for the host-memory prompt cache and for
+        copies between slots. (An uninitialised numpy buffer: a zero-filled ctypes array cost twice the copy.)"""
         size = llama.llama_state_seq_get_size_ext(self._ctx, seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data_ext(self._ctx, buffer, size, seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)
+        buffer = np.empty(size, dtype=np.uint8)
+        written = llama.llama_state_seq_get_data_ext(self._ctx, _bytes_pointer(buffer), size, seq_id,
+                                                     llama.LLAMA_STATE_SEQ_FLAGS_NONE)
         if written != size:
             raise DecodeError(f"could not save the KV cache of sequence {seq_id} ({written} of {size} bytes)")
         return buffer
 
-    def load_state(self, seq_id: int, state: ctypes.Array) -> bool:
+    def load_state(self, seq_id: int, state: np.ndarray) -> bool:
         """Replace this sequence's KV with a saved copy. False (and the sequence empty) if it did not fit."""
-        read = llama.llama_state_seq_set_data_ext(self._ctx, state, len(state), seq_id, llama.LLAMA_STATE_SEQ_FLAGS_NONE)
+        read = llama.llama_state_seq_set_data_ext(self._ctx, _bytes_pointer(state), len(state), seq_id,
+                                                  llama.LLAMA_STATE_SEQ_FLAGS_NONE)
         if read != len(state):
             llama.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             return False
