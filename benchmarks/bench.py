@@ -318,12 +318,15 @@ def main() -> None:
             asyncio.run(soak(ours.root_url, ours.model, args.memory_requests, args.parallel))
             after_soak = rss_mib(ours.process.pid)
             stats = httpx.get(ours.root_url + "/health").json()["engines"][0]
+            cache = stats.get("prompt_cache") or {"limit_bytes": 0, "bytes": 0, "entries": 0}
             lines += [
                 "",
                 f"Memory (deepserve RSS): {rss_at_start:.0f} MiB after start, {before_soak:.0f} MiB after the "
                 f"benchmark runs, {after_soak:.0f} MiB after {args.memory_requests} more requests (mixed lengths, "
                 f"every tenth aborted); "
-                f"engine: {stats['num_requests_finished']} requests finished, {stats['num_running']} running.",
+                f"engine: {stats['num_requests_finished']} requests finished, {stats['num_running']} running; "
+                f"host prompt cache (--cache-ram {cache['limit_bytes'] // 2**20} MiB): {cache['bytes'] / 2**20:.0f} MiB "
+                f"in {cache['entries']} saved slot states.",
             ]
         report = "\n".join(lines)
         print("\n" + report)

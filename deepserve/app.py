@@ -56,7 +56,7 @@ def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> Serv
         kv_unified=settings.kv_unified,
         poll=settings.poll,
         cpus=plan.cpus,
-        cache_ram_mib=settings.cache_ram_mib,
+        cache_ram_mib=plan.cache_ram_mib,
     )
     runner = engine.runner
     entry = plan.entry

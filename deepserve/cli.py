@@ -81,7 +81,7 @@ def serve(
     cache_ram: int = typer.Option(
         None, "--cache-ram",
         help="MiB of RAM per model for slots' KV saved before other requests overwrite them, restored when a "
-             "prompt shares their prefix (default 8192, as llama-server; 0: off)."),
+             "prompt shares their prefix (default 8192 as llama-server, at most a quarter of the RAM; 0: off)."),
     pin_threads: bool = typer.Option(
         None, "--pin-threads/--no-pin-threads",
         help="Pin each model's llama.cpp threads to CPUs of their own (default on, when the threads use exactly this process's CPUs)."),

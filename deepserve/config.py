@@ -32,8 +32,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=8, description="tokens per llama_decode (n_batch): caps prefill chunks")
     max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; more get 429")
     kv_unified: bool = False
-    cache_ram_mib: int = Field(
-        8192, ge=0, description="host-memory prompt cache per model, MiB (llama-server's --cache-ram; 0: off)"
+    cache_ram_mib: int | None = Field(
+        None, ge=0, description="host-memory prompt cache per model, MiB (llama-server's --cache-ram; 0: off; "
+        "default 8192, at most a quarter of the machine's memory shared by the local models)"
     )
     pin_threads: bool = Field(True, description="pin each engine's llama.cpp threads to CPUs of their own")
     poll: int = Field(0, ge=0, le=100, description="ggml worker polling level between steps (0: sleep, 100: spin)")

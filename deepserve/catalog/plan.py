@@ -47,6 +47,7 @@ class ModelPlan:
     threads: int | None = None  # llama.cpp threads of its engine (None: --threads, else every core)
     ctx_size: int | None = None  # context window of one request on its engine (None: --ctx-size)
     cpus: tuple[int, ...] | None = None  # CPUs its threads are pinned to, one each (None: not pinned)
+    cache_ram_mib: int = 0  # its host-memory prompt cache (0: none)
 
 
 def plan_models(settings: Settings, catalog: Catalog, local: LocalRegistry) -> list[ModelPlan]:
@@ -58,12 +59,31 @@ def assign_resources(plans: list[ModelPlan], settings: Settings) -> list[ModelPl
     if not plans:
         return plans
     threads = settings.threads or max(1, available_cores() // len(plans))
+    cache_ram_mib = settings.cache_ram_mib
+    if cache_ram_mib is None:
+        cache_ram_mib = default_cache_ram_mib(len(plans))
     for plan, cpus in zip(plans, engine_cpus(threads, len(plans), pin=settings.pin_threads)):
         plan.threads = threads
         plan.cpus = cpus
+        plan.cache_ram_mib = cache_ram_mib
         window = plan.entry.context_window if plan.entry is not None else None
         plan.ctx_size = min(settings.ctx_size, window) if window else settings.ctx_size
     return plans
+
+
+DEFAULT_CACHE_RAM_MIB = 8192  # llama-server's --cache-ram default
+
+
+def default_cache_ram_mib(num_engines: int, total_mib: int | None = None) -> int:
+    """Each engine's host prompt cache: llama-server's 8 GiB, but the engines' caches together at most a quarter
+    of the machine's memory. Why: the cache fills with every conversation a slot gives up, up to its bound; on a
+    small machine 8 GiB per model (llama-server's choice) would end in the OOM killer, not in a smaller cache."""
+    if total_mib is None:
+        try:
+            total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        except (ValueError, OSError, AttributeError):  # not POSIX: keep llama-server's default
+            return DEFAULT_CACHE_RAM_MIB
+    return max(0, min(DEFAULT_CACHE_RAM_MIB, total_mib // 4 // max(1, num_engines)))
 
 
 def available_cores() -> int:

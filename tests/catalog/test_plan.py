@@ -116,3 +116,16 @@ def test_ctx_size_is_clamped_to_each_catalog_models_window(registry, gguf):
     plans = {p.model_id: p.ctx_size for p in plan(registry, ctx_size=16384)}
     assert plans == {BUNDLED_MODEL_ID: 8192, math: 4096, R1_32B: 16384, "mine": 16384}
     assert {p.ctx_size for p in plan(registry)} == {2048}  # the default fits every window
+
+
+def test_the_ram_prompt_cache_is_llama_servers_8_gib_within_a_quarter_of_the_machine(registry, gguf, monkeypatch):
+    from deepserve.catalog.plan import default_cache_ram_mib
+
+    assert default_cache_ram_mib(1, total_mib=64 * 1024) == 8192  # a big machine: llama-server's default
+    assert default_cache_ram_mib(1, total_mib=16 * 1024) == 4096  # a quarter of 16 GiB
+    assert default_cache_ram_mib(3, total_mib=24 * 1024) == 2048  # three engines share that quarter
+    registry.add(LocalModel(id="mine", path=gguf, source="add"))
+    monkeypatch.setattr("deepserve.catalog.plan.default_cache_ram_mib", lambda n: 1000 // n)
+    assert [p.cache_ram_mib for p in plan(registry)] == [500, 500]  # the bundled model and "mine"
+    assert [p.cache_ram_mib for p in plan(registry, cache_ram_mib=64)] == [64, 64]  # --cache-ram: each engine's
+    assert [p.cache_ram_mib for p in plan(registry, cache_ram_mib=0)] == [0, 0]  # off
