@@ -287,11 +287,18 @@ class LlamaRunner:
 
     # ---- decode ------------------------------------------------------------------------------
     def decode(self, entries: list[BatchEntry]) -> list[int]:
-        """Run one llama_decode over all entries; return each entry's logits row (-1: none)."""
+        """Run one llama_decode over all entries; return each entry's logits row (-1: none).
+
+        The batch is laid out by sequence id. Why: with one KV stream per slot (--kv-split, the default),
+        llama.cpp cuts a batch into micro-batches of consecutive sequence ids in batch order (split_equal,
+        sequential), and each micro-batch is a whole pass over the weights. Sequences 3,0,5,1 in that order
+        made three passes; 0,1,3,5 makes two, 0,1,2,3 one. Measured on the 2-core VM, 8 single-token
+        sequences: 147 ms a step sorted, 206 ms in admission order."""
         batch = self._batch
         n = 0
-        rows: list[int] = []
-        for entry in entries:
+        rows: list[int] = [-1] * len(entries)
+        for index in sorted(range(len(entries)), key=lambda i: entries[i].seq_id):
+            entry = entries[index]
             pos = entry.start_pos
             seq_id = entry.seq_id
             for token in entry.tokens:
@@ -304,9 +311,7 @@ class LlamaRunner:
                 n += 1
             if entry.want_logits:
                 batch.logits[n - 1] = 1
-                rows.append(n - 1)
-            else:
-                rows.append(-1)
+                rows[index] = n - 1
         if n > self.batch_size:
             raise DecodeError(f"batch of {n} tokens exceeds n_batch={self.batch_size}")
         batch.n_tokens = n

@@ -200,8 +200,11 @@ class Scheduler:
         free = [slot for slot in self.slots if slot.is_free]
         if not free:
             return None
-        # Longest shared prefix first; among equals the least recently used, to keep hot caches.
-        best = max(free, key=lambda s: (common_prefix_length(s.cached_tokens, prompt), -s.last_used_step))
+        # Longest shared prefix first; among equals one next to busy slots, so that they stay consecutive
+        # (llama.cpp decodes each run of consecutive sequence ids as a separate pass over the weights:
+        # runner.decode says why); then the least recently used, to keep hot caches.
+        best = max(free, key=lambda s: (common_prefix_length(s.cached_tokens, prompt), self._busy_neighbours(s),
+                                        -s.last_used_step))
         in_place = _reusable(common_prefix_length(best.cached_tokens, prompt), prompt)
         copy_reuse, restore, copy_from = 0, None, None
         if self.host_cache is not None:
@@ -221,10 +224,14 @@ class Scheduler:
         if pending - max(in_place, copy_reuse) >= WAIT_MIN_GAIN_TOKENS:
             return _WAIT
         if copy_reuse > in_place:
-            # The slot's own KV will be replaced: take an empty one, else the least recently used.
-            victim = min(free, key=lambda s: (bool(s.cached_tokens), s.last_used_step))
+            # The slot's own KV will be replaced: next to busy slots, then an empty one, then the least recently used.
+            victim = max(free, key=lambda s: (self._busy_neighbours(s), not s.cached_tokens, -s.last_used_step))
             return _Placement(victim, copy_reuse, restore=restore, copy_from=copy_from)
         return _Placement(best, in_place)
+
+    def _busy_neighbours(self, slot: Slot) -> int:
+        """How many of the slots with the sequence ids next to this one's are busy (0, 1 or 2)."""
+        return sum(0 <= i < len(self.slots) and not self.slots[i].is_free for i in (slot.seq_id - 1, slot.seq_id + 1))
 
     def _admit(self, seq: Sequence, placement: _Placement) -> Admission:
         slot, num_reused = placement.slot, placement.num_reused

@@ -123,3 +123,26 @@ def test_default_thread_count_decodes():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Paris" in done.stdout
+
+
+def test_entries_in_any_order_get_their_own_logits_rows(runner):
+    """decode() lays the batch out by sequence id (fewer passes over the weights): each entry's row must still
+    be its own sequence's logits."""
+    import numpy as np
+
+    a = runner.tokenize("The capital of France is", add_special=False)
+    b = runner.tokenize("One, two, three, four,", add_special=False)
+    alone = {}
+    for seq_id, prompt in ((0, a), (1, b)):
+        runner.keep_prefix(0, 0)
+        runner.keep_prefix(1, 0)
+        [row] = runner.decode([BatchEntry(seq_id, prompt, 0, True)])
+        alone[seq_id] = runner.logits(row).copy()
+    runner.keep_prefix(0, 0)
+    runner.keep_prefix(1, 0)
+    rows = runner.decode([BatchEntry(1, b, 0, True), BatchEntry(0, a[:-1], 0, False), BatchEntry(0, a[-1:], len(a) - 1, True)])
+    assert rows[1] == -1
+    assert int(np.argmax(runner.logits(rows[0]))) == int(np.argmax(alone[1]))
+    assert int(np.argmax(runner.logits(rows[2]))) == int(np.argmax(alone[0]))
+    np.testing.assert_allclose(runner.logits(rows[0]), alone[1], atol=1e-2)
+    np.testing.assert_allclose(runner.logits(rows[2]), alone[0], atol=1e-2)

@@ -198,16 +198,15 @@ def test_a_slot_that_keeps_most_of_its_kv_is_not_saved():
     assert admission.save is None and admission.num_reused == 5
 
 
-def test_a_saved_state_sharing_more_than_any_free_slot_is_restored_into_the_least_recently_used_slot():
+def test_a_saved_state_sharing_more_than_any_free_slot_is_restored_into_the_lowest_free_slot():
     from deepserve.engine.prompt_cache import HostPromptCache
 
     cache = HostPromptCache(1000)
     cache.add([1, 2, 3, 4, 5, 6, 7], b"x" * 10)
-    s = Scheduler(num_slots=2, token_budget=64, host_cache=cache)
-    old, recent = seq([1, 2, 8], "old"), seq([1, 2, 9], "recent")
-    s.add(old)
-    run_step(s)
-    s.add(recent)
+    s = Scheduler(num_slots=3, token_budget=64, host_cache=cache)
+    busy, old, recent = seq([1, 9, 9], "busy"), seq([1, 2, 8], "old"), seq([1, 2, 9], "recent")
+    for x in (busy, old, recent):
+        s.add(x)
     run_step(s)
     finish(s, old)
     finish(s, recent)
@@ -215,9 +214,9 @@ def test_a_saved_state_sharing_more_than_any_free_slot_is_restored_into_the_leas
     s.add(c)
     [admission] = s.schedule().admissions
     assert admission.restore is not None and admission.restore.tokens == [1, 2, 3, 4, 5, 6, 7]
-    assert admission.seq_id == 0  # old's slot, used least recently
+    assert admission.seq_id == 1  # next to the busy slot 0, not slot 2
     assert admission.num_reused == 5 and c.num_cached == 5 and c.slot.cached_tokens == [1, 2, 3, 4, 5]
-    assert admission.save == [1, 2, 8, 99]  # old's KV would be replaced whole: saved first
+    assert admission.save == [1, 2, 8]  # old's KV would be replaced whole: saved first
 
     s.forget_reuse(c)  # the engine could not copy it back: the prompt is computed from the start
     assert c.num_computed == 0 and c.num_cached == 0 and c.slot.cached_tokens == []
@@ -298,3 +297,19 @@ def test_a_small_prefix_of_a_long_busy_history_is_not_worth_copying():
     s.add(newcomer)
     [admission] = s.schedule().admissions
     assert admission.copy_from is None and admission.num_reused == 0
+
+
+def test_among_equally_good_slots_one_next_to_busy_ones_is_taken_so_they_stay_consecutive():
+    s = Scheduler(num_slots=4, token_budget=64)
+    users = [seq([1, 2, 10 + i], f"u{i}") for i in range(4)]
+    for x in users:
+        s.add(x)
+    run_step(s)
+    assert [u.slot.seq_id for u in users] == [0, 1, 2, 3]
+    finish(s, users[3])
+    run_step(s)
+    finish(s, users[1])  # used more recently than slot 3, which least-recently-used alone would take
+    newcomer = seq([1, 2, 50], "new")  # shares [1, 2] with both free slots
+    s.add(newcomer)
+    [admission] = s.schedule().admissions
+    assert admission.seq_id == 1  # busy: 0, 1, 2 (one pass over the weights), not 0, 2, 3
