@@ -26,6 +26,16 @@ from deepserve.bundled import bundled_model_path  # noqa: E402
 from tests.server import RunningServer, start_server  # noqa: E402
 
 
+def start_variant(spec: str, args: argparse.Namespace) -> tuple[str, RunningServer]:
+    """Start deepserve for a NAME=CHECKOUT[:ENV=VALUE,...] variant, set up as every peer is (add_peer_arguments)."""
+    name, _, rest = spec.partition("=")
+    checkout, _, env_spec = rest.partition(":")
+    env = dict(item.split("=", 1) for item in env_spec.split(",") if item)
+    server = start_server("--no-auth", "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
+                          api_key=None, env=env, threads=args.threads, cwd=str(Path(checkout).resolve()))
+    return name, server
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="+", help="NAME=CHECKOUT[:ENV=VALUE,...]")
@@ -39,11 +49,7 @@ def main() -> None:
     peers: dict[str, tuple[str, str]] = {}
     try:
         for spec in args.variants:
-            name, _, rest = spec.partition("=")
-            checkout, _, env_spec = rest.partition(":")
-            env = dict(item.split("=", 1) for item in env_spec.split(",") if item)
-            server = start_server("--no-auth", "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
-                                  api_key=None, env=env, threads=args.threads, cwd=str(Path(checkout).resolve()))
+            name, server = start_variant(spec, args)
             servers.append(server)
             peers[name] = (server.root_url, server.model)
         proc, url = start_llama_server(args.llama_server, bundled_model_path(), args.threads, args.parallel, args.ctx_size)

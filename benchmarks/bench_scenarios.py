@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench import EOS_BANS, SAMPLING, add_peer_arguments, pct, start_llama_server  # noqa: E402
+from benchmarks.bench_ab import start_variant  # noqa: E402
 from deepserve.bundled import bundled_model_path  # noqa: E402
-from tests.server import start_server  # noqa: E402
 
 LONG = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(60))
 
@@ -143,11 +143,7 @@ def main() -> None:
     proc = None
     try:
         for spec in args.variants:
-            name, _, rest = spec.partition("=")
-            checkout, _, env_spec = rest.partition(":")
-            env = dict(item.split("=", 1) for item in env_spec.split(",") if item)
-            server = start_server("--no-auth", "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
-                                  api_key=None, env=env, threads=args.threads, cwd=str(Path(checkout).resolve()))
+            name, server = start_variant(spec, args)
             servers.append(server)
             peers[name] = (server.root_url, server.model)
         proc, url = start_llama_server(args.llama_server, bundled_model_path(), args.threads, args.parallel,

@@ -9,7 +9,8 @@ import pytest
 
 from deepserve.bundled import bundled_model_path
 from deepserve.engine.llamacpp.loop import LlamaCppEngine
-from deepserve.engine.types import GenerateRequest, SamplingParams
+from deepserve.engine.types import SamplingParams
+from tests.engine.llamacpp.streams import collect
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -24,13 +25,7 @@ def chat(engine: LlamaCppEngine, text: str) -> list[int]:
 
 
 async def generate(engine: LlamaCppEngine, prompt: list[int]) -> tuple[list[int], int]:
-    """Output tokens and the number of prompt tokens the engine reused."""
-    tokens, cached = [], -1
-    async for delta in engine.submit(GenerateRequest(list(prompt), PARAMS)):
-        tokens += delta.token_ids
-        if delta.finish_reason is not None:
-            cached = delta.num_cached_tokens
-    return tokens, cached
+    return await collect(engine, prompt, PARAMS)
 
 
 def conversation(engine: LlamaCppEngine) -> tuple[list[int], list[int]]:

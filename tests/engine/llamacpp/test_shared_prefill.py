@@ -7,21 +7,14 @@ import asyncio
 
 from deepserve.bundled import bundled_model_path
 from deepserve.engine.llamacpp.loop import LlamaCppEngine
-from deepserve.engine.types import GenerateRequest, SamplingParams
+from deepserve.engine.types import SamplingParams
+from tests.engine.llamacpp.streams import collect
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 
 async def run_all(engine: LlamaCppEngine, prompts: list[list[int]]) -> list[tuple[list[int], int]]:
-    async def one(prompt):
-        tokens, cached = [], -1
-        async for delta in engine.submit(GenerateRequest(list(prompt), PARAMS)):
-            tokens += delta.token_ids
-            if delta.finish_reason is not None:
-                cached = delta.num_cached_tokens
-        return tokens, cached
-
-    return await asyncio.gather(*(one(p) for p in prompts))
+    return await asyncio.gather(*(collect(engine, p, PARAMS) for p in prompts))
 
 
 def test_a_burst_of_identical_prompts_is_prefilled_once_and_decodes_like_each_alone():
