@@ -302,7 +302,9 @@ class LlamaCppEngine:
                 self._start(admission)
             except ValueError as exc:  # this request's grammar: fail it alone
                 self._finish(admission.sequence, RequestStatus.FINISHED_ERROR, error=str(exc))
-        chunks = [c for c in plan.chunks if not c.sequence.status.is_finished]
+        # A chunk goes only where its sequence's KV ends: a failed start drops the sequence (finished), and a KV
+        # copy that could not be made sends it back to position 0 (forget_reuse), to be planned from there next step.
+        chunks = [c for c in plan.chunks if not c.sequence.status.is_finished and c.start == c.sequence.num_computed]
         if not chunks:
             return
         try:

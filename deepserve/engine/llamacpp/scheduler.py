@@ -260,7 +260,8 @@ class Scheduler:
         return Admission(seq, slot.seq_id, num_reused, save=save, restore=placement.restore, copy_from=copy_from)
 
     def forget_reuse(self, seq: Sequence) -> None:
-        """The slot's KV could not be restored: the admitted sequence computes its whole prompt."""
+        """The slot's KV could not be restored: the admitted sequence computes its whole prompt, from the next
+        step (this step's chunk for it started past what its KV holds, and the engine drops it)."""
         seq.num_computed = 0
         seq.num_cached = 0
         if seq.slot is not None:

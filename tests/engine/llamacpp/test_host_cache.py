@@ -91,3 +91,18 @@ def test_a_cache_too_small_for_one_state_keeps_nothing_and_still_serves():
         assert again == fresh
     finally:
         engine.close()
+
+
+def test_a_state_that_cannot_be_copied_back_is_computed_from_the_start_and_decodes_the_same():
+    engine = make_engine(64)
+    try:
+        first, other = conversation(engine)
+        fresh, _ = asyncio.run(generate(engine, first))
+        asyncio.run(generate(engine, other))
+        engine.runner.load_state = lambda seq_id, state: False  # as when a full unified KV pool refuses it
+        again, cached_again = asyncio.run(generate(engine, first))
+        assert cached_again == 0  # nothing reused: the whole prompt was computed
+        assert again == fresh  # from position 0, not from where the copy would have ended
+        assert engine.stats()["prompt_cache"]["num_restored"] == 0
+    finally:
+        engine.close()
