@@ -201,9 +201,11 @@ class ChoiceResult:
 
 
 def generate(
-    engine: Engine, prompt_tokens: list[int] | TextPrompt, sampling: SamplingParams, n: int = 1
+    engine: Engine, prompt_tokens: list[int] | TextPrompt, sampling: SamplingParams, n: int = 1,
+    submitted: list[GenerateRequest] | None = None,
 ) -> AsyncIterator[tuple[int, TokenDelta]]:
-    """Submit n choices now (errors such as a full queue raise here) and return their merged stream."""
+    """Submit n choices now (errors such as a full queue raise here) and return their merged stream.
+    `submitted`, if given, receives the n requests (billing reads whether each was started)."""
     request_ids: list[str] = []
     streams: list[AsyncIterator[TokenDelta]] = []
     try:
@@ -213,6 +215,8 @@ def generate(
             request = GenerateRequest(prompt_tokens=prompt_tokens, sampling=params, request_id=next_request_id())
             streams.append(engine.submit(request))
             request_ids.append(request.request_id)
+            if submitted is not None:
+                submitted.append(request)
     except Exception:
         for request_id in request_ids:
             engine.abort(request_id)
@@ -347,9 +351,11 @@ async def metered_generate_many(
             on_settled=lambda available: setattr(request.state, "remaining_nanodollars", available),
         )
     streams: list[AsyncIterator[tuple[int, TokenDelta]]] = []
+    requests: list[list[GenerateRequest]] = []
     try:
         for tokens in prompts:
-            streams.append(generate(model.engine, tokens, sampling, n))
+            requests.append([])
+            streams.append(generate(model.engine, tokens, sampling, n, requests[-1]))
             if getattr(model.engine, "starts_on_first_read", False):
                 streams[-1] = await read_ahead(streams[-1])
     except BaseException:
@@ -359,4 +365,4 @@ async def metered_generate_many(
             await charge.release()
         raise
     streams = observe_streams(request, model.model_id, prompts, n, streams)  # metrics + request log (observability)
-    return charge.wrap(streams) if charge is not None else streams
+    return charge.wrap(streams, requests) if charge is not None else streams

@@ -25,7 +25,7 @@ from deepserve.billing import reservations as sql
 from deepserve.billing.db import Database
 from deepserve.billing.money import TokenPrices
 from deepserve.billing.reservations import Reservation, Usage
-from deepserve.engine.types import FinishReason, StreamTap, TokenDelta, count_choices
+from deepserve.engine.types import FinishReason, GenerateRequest, StreamTap, TokenDelta, count_choices
 from deepserve.errors import PermissionDeniedError
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,22 @@ class Charge:
         self._on_settled = on_settled
         self._num_open = 0
         self._settled = False
+        self._requests: list[list[GenerateRequest]] | None = None
 
-    def wrap(self, streams: list[AsyncIterator[tuple[int, TokenDelta]]]) -> list[MeteredStream]:
+    def wrap(
+        self, streams: list[AsyncIterator[tuple[int, TokenDelta]]], requests: list[list[GenerateRequest]] | None = None
+    ) -> list[MeteredStream]:
+        """`requests`: each prompt's n engine requests, to tell which a client left before they started."""
         self._num_open = len(streams)
+        self._requests = requests
         return [MeteredStream(stream, self, group) for group, stream in enumerate(streams)]
+
+    def _computed(self, group: int, index: int) -> bool:
+        """Whether the engine started on this choice (a choice with no final delta may have been left in the
+        queue by a client that went away: nothing of it was computed, so none of it is charged)."""
+        if self._choices[group][index].final is not None or self._requests is None:
+            return True
+        return self._requests[group][index].started
 
     def observe(self, group: int, index: int, delta: TokenDelta) -> None:
         choice = self._choices[group][index]
@@ -202,8 +214,10 @@ class Charge:
         delivered so far. A prompt counts once for its n choices, as the usage the client sees counts it."""
         total = Usage()
         statuses = set()
-        for num_prompt, choices in zip(self._prompt_lengths, self._choices):
-            total.add(count_choices(num_prompt, choices))
+        for group, (num_prompt, choices) in enumerate(zip(self._prompt_lengths, self._choices)):
+            computed = [choice for index, choice in enumerate(choices) if self._computed(group, index)]
+            if computed:
+                total.add(count_choices(num_prompt, computed))
             for choice in choices:
                 final = choice.final
                 if final is None or final.finish_reason == FinishReason.ABORT:

@@ -136,6 +136,9 @@ class GenerateRequest:
     prompt_tokens: list[int] | TextPrompt  # TextPrompt: only for engines with `takes_text_prompts`
     sampling: SamplingParams
     request_id: str = field(default_factory=next_request_id)
+    # False while an engine holds the request queued with nothing of it computed yet (an engine that queues
+    # sets it at submit, and back when the request gets a slot): a client gone before then is charged nothing.
+    started: bool = True
 
 
 @dataclass(slots=True)

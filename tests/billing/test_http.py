@@ -263,6 +263,40 @@ def test_a_stream_the_client_leaves_is_charged_for_what_was_delivered_and_releas
                                            num_completion=row["num_completion_tokens"])
 
 
+def test_a_client_gone_while_its_request_waited_for_a_slot_is_charged_nothing(billed):
+    """Every slot busy (the operator's long streams), a metered request queued behind them, its client hangs up
+    before it gets a slot: nothing of it was computed, so nothing is charged and the reservation is released."""
+    key = billed.new_key("queued-leaver", 10**9)
+    long_body = {"model": billed.model, "messages": [{"role": "user", "content": "Write a long essay."}],
+                 "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=billed.url, timeout=60) as http:
+            fillers = []
+            for _ in range(8):  # --parallel 8: every slot
+                request = http.build_request("POST", "/v1/chat/completions", json=long_body,
+                                             headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
+                fillers.append(await http.send(request, stream=True))
+            waiter = await http.send(http.build_request(
+                "POST", "/v1/chat/completions", json={**long_body, "max_tokens": 50},
+                headers={"Authorization": f"Bearer {key}"}), stream=True)
+            assert waiter.status_code == 200
+            for _ in range(600):  # until the engine reports it queued (bounded; no sleep as synchronisation)
+                stats = (await http.get("/health")).json()["engines"][0]
+                if stats["num_running"] == 8 and stats["num_waiting"] == 1:
+                    break
+            assert stats["num_waiting"] == 1
+            await waiter.aclose()  # hang up before it got a slot
+            for response in fillers:
+                await response.aclose()
+
+    asyncio.run(scenario())
+    (row,) = billed.wait_for_usage("queued-leaver", 1)
+    assert (row["num_prompt_tokens"], row["num_completion_tokens"], row["cost_nanodollars"]) == (0, 0, 0)
+    account = billed.account("queued-leaver")
+    assert account["reserved_nanodollars"] == 0 and account["balance_nanodollars"] == 10**9
+
+
 def test_operator_keys_are_not_metered(billed):
     with httpx.Client(base_url=billed.url, timeout=60) as http:
         r = http.request(**dialect_request("openai", billed.model, OPERATOR_KEY))

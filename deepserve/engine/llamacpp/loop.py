@@ -159,6 +159,7 @@ class LlamaCppEngine:
                     f"(limit {self.max_queue}). Retry shortly."
                 )
             self._num_queued += 1
+            request.started = False
             self._inbox.append(("submit", (request, collector)))
         self._wake.set()
         return self._stream(request.request_id, collector)
@@ -297,6 +298,8 @@ class LlamaCppEngine:
         if plan.admissions:
             with self._lock:
                 self._num_queued -= len(plan.admissions)
+                for admission in plan.admissions:
+                    admission.sequence.request.started = True
         for admission in plan.admissions:
             try:
                 self._start(admission)
