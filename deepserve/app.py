@@ -14,6 +14,7 @@ from deepserve import __version__
 from deepserve.api import health
 from deepserve.api import balance as balance_routes
 from deepserve.api.admin import routes as admin_routes
+from deepserve.api.content_type import JsonBodies
 from deepserve.api.disconnect import CancelOnDisconnect
 from deepserve.api.errors import ErrorRouter
 from deepserve.api.limits import BodySizeLimit
@@ -167,6 +168,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     def render_error(scope, error):  # any error raised before routing, in the caller's dialect
         return errors.render(Request(scope), error)
 
+    app.add_middleware(JsonBodies)  # innermost: a body sent as a form or unlabelled is still read as JSON
     app.add_middleware(BillingHeaders)  # x-remaining-credits, x-ratelimit-*: inside, so replays repeat them
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=render_error)

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deepserve.api.workers_ai.schemas import Message, SamplingInput
+from deepserve.api.workers_ai.schemas import SamplingInput
+
+
+class DataoortsMessage(BaseModel):
+    """Workers AI's message, without its 4,096-character cap on `content` (Cloudflare's schema has one; seed 000
+    names only the model's context window, which the engine checks in tokens)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str
 
 
 class DataoortsData(SamplingInput):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[DataoortsMessage] = Field(min_length=1)
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.model_dump() for m in self.messages]

@@ -22,8 +22,9 @@ from deepserve.api.segmind.schemas import SegmindChatRequest
 from deepserve.errors import ModelNotFoundError, NotFoundError
 from deepserve.serving import ModelRegistry, ServedModel
 
-# slug -> model id, in one place. None: the model this server serves by default, for as long as the model
-# the slug really names (through the catalog's aliases) is not served. A served model's own id is a slug too.
+# slug -> model id, in one place. None: the served model closest to what the slug names (find_model), for as
+# long as the model the slug really names (through the catalog's aliases) is not served. A served model's own id
+# is a slug too.
 SLUGS: dict[str, str | None] = {"deepseek-reasoner": None}
 
 # First path segments under /v1/ that belong to the OpenAI API (today's and likely next ones).
@@ -65,10 +66,19 @@ def find_model(models: ModelRegistry, slug: str) -> ServedModel:
     target = SLUGS[slug]
     if target is not None:
         return models.get(target)
-    default = next(iter(models), None)
-    if default is None:
+    served = list(models)
+    if not served:
         raise NotFoundError(f"The requested URL /v1/{slug} does not exist: this server serves no model.")
-    return default
+    # Segmind's deepseek-reasoner is DeepSeek-R1: the served model closest to it, whatever order they load in.
+    return min(served, key=_reasoner_rank)
+
+
+def _reasoner_rank(model: ServedModel) -> int:
+    """0: DeepSeek-R1 itself; 1: another reasoning model (an R1 distill); 2: any other model."""
+    entry = model.catalog
+    if entry is None or not entry.reasoning:
+        return 2
+    return 0 if entry.family == "deepseek-r1" else 1
 
 
 router = APIRouter(tags=["Segmind"])

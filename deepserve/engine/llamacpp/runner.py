@@ -45,6 +45,24 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
+_MASK64 = (1 << 64) - 1
+_LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama_sampler_init_dist takes it as "pick a random seed"
+
+
+def sampler_seed(seed: int) -> int:
+    """A request's seed as llama.cpp's 32-bit one. Seeds that fit stay as they are (llama-server gives the same
+    sample for the same seed); larger ones (Cloudflare and Dataoorts document 1-9999999999) are mixed
+    (splitmix64) rather than cut to their low 32 bits, so 1 and 2**32 + 1 do not sample alike. Never the value
+    that would make the sample random."""
+    if 0 <= seed < _LLAMA_DEFAULT_SEED:
+        return seed
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = (z ^ (z >> 31)) & 0xFFFFFFFF
+    return z if z != _LLAMA_DEFAULT_SEED else 0
+
+
 @dataclass(slots=True)
 class BatchEntry:
     """Tokens of one sequence to put into the next decode, starting at KV position `start_pos`."""
@@ -355,7 +373,7 @@ class LlamaRunner:
             if params.min_p > 0.0:
                 add(llama.llama_sampler_init_min_p(params.min_p, 1))
             add(llama.llama_sampler_init_temp(params.temperature))
-            add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+            add(llama.llama_sampler_init_dist(sampler_seed(seed)))
         return chain
 
     def sample(self, sampler: int, row: int, grammar: int | None = None) -> int:

@@ -137,6 +137,15 @@ def test_malformed_json_is_400(http):
     assert "JSON" in assert_failure(r, 400)[0]
 
 
+def test_a_message_over_4096_characters_is_fine_when_it_fits_the_context(http, server):
+    """Cloudflare caps each message at 4,096 characters; Dataoorts documents only the context window."""
+    text = ("The quick brown fox jumps over the lazy dog. " * 100)[:4200]
+    r = http.post("/api/v1", json={"model": server.model,
+                                    "data": {"messages": [{"role": "user", "content": text}], "max_tokens": 1}})
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["usage"]["prompt_tokens"] > 800
+
+
 def test_missing_and_wrong_key_are_401(server):
     url = server.root_url + "/api/v1"
     body = {"model": server.model, "data": {"messages": MESSAGES}}

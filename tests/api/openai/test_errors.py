@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -80,6 +82,13 @@ def test_malformed_json_is_400(http):
     r = http.post("/v1/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert "JSON" in r.json()["error"]["message"]
+
+
+def test_a_json_body_without_a_json_content_type_is_still_json(http, server):
+    body = json.dumps({"model": server.model, "messages": MESSAGES, "max_tokens": 1})
+    for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}):
+        r = http.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
 
 
 def test_empty_messages_is_400(http, server):

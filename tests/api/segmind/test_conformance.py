@@ -174,3 +174,37 @@ def test_openai_paths_keep_openai_errors(http, method, path, status):
 def test_openapi_documents_the_slug_route(http):
     paths = http.get("/openapi.json").json()["paths"]
     assert list(paths["/v1/{slug}"]) == ["post"]  # the wrong-method catch-all is not documented
+
+
+class _Served:
+    """Just what find_model reads of a ServedModel."""
+
+    def __init__(self, model_id: str, catalog_id: str | None):
+        from deepserve.catalog import default_catalog
+        self.model_id = model_id
+        self.catalog = default_catalog().find(catalog_id) if catalog_id else None
+
+
+class _Registry:
+    def __init__(self, *models: _Served):
+        self._models = list(models)
+
+    def get(self, model_id: str):
+        from deepserve.errors import ModelNotFoundError
+        for model in self._models:
+            if model.model_id == model_id:
+                return model
+        raise ModelNotFoundError(f"no {model_id}")
+
+    def __iter__(self):
+        return iter(self._models)
+
+
+def test_deepseek_reasoner_is_the_served_model_closest_to_r1_whatever_the_load_order():
+    from deepserve.api.segmind.routes import find_model
+    plain = _Served("SmolLM2-135M-Instruct", None)
+    distill = _Served("deepseek-r1-8b", "deepseek-r1-8b")
+    assert distill.catalog is not None and distill.catalog.reasoning
+    assert find_model(_Registry(plain, distill), "deepseek-reasoner") is distill
+    assert find_model(_Registry(distill, plain), "deepseek-reasoner") is distill
+    assert find_model(_Registry(plain), "deepseek-reasoner") is plain  # nothing closer: the model served

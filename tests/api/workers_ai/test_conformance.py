@@ -180,6 +180,20 @@ def test_invalid_input_is_5004(http, server, body):
     assert_cf_error(http.post(run_path(server.model), json=body), 400, render.INVALID_DATA)
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None],
+                         ids=["curl-d", "text-plain", "unlabelled"])
+def test_the_quick_starts_curl_body_is_json_whatever_its_content_type(http, server, content_type):
+    """Cloudflare's REST quick-start: `curl -H "Authorization: Bearer …" -d '{"prompt": …}'` (curl -d labels
+    the body a form)."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    http.headers.pop("Content-Type", None)
+    r = http.post(run_path(server.model), content=json.dumps({"prompt": PROMPT, "max_tokens": 2}), headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["success"] is True and r.json()["result"]["usage"]["completion_tokens"] == 2
+    bad = http.post(run_path(server.model), content=b'{"prompt": ', headers=headers)
+    assert "JSON" in assert_cf_error(bad, 400, 5004)
+
+
 def test_malformed_json_is_5004(http, server):
     r = http.post(run_path(server.model), content=b'{"prompt": ', headers={"Content-Type": "application/json"})
     assert "JSON" in assert_cf_error(r, 400, 5004)

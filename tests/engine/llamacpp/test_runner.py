@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from deepserve.bundled import bundled_model_path
-from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner
+from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner, sampler_seed
 from deepserve.engine.types import SamplingParams
 
 
@@ -19,9 +19,11 @@ def runner():
     r.close()
 
 
-def greedy(runner: LlamaRunner, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
-    """Greedy-decode all prompts together in one batch per step (sequence i in slot i)."""
-    samplers = [runner.new_sampler(SamplingParams(temperature=0.0), seed=0) for _ in prompts]
+def greedy(runner: LlamaRunner, prompts: list[list[int]], num_tokens: int,
+           params: SamplingParams | None = None, seeds: list[int] | None = None) -> list[list[int]]:
+    """Greedy-decode (or sample with `params`) all prompts together in one batch per step (sequence i in slot i)."""
+    params = params or SamplingParams(temperature=0.0)
+    samplers = [runner.new_sampler(params, seed=seeds[i] if seeds else 0) for i in range(len(prompts))]
     for seq_id in range(len(prompts)):
         runner.keep_prefix(seq_id, 0)
     rows = runner.decode([BatchEntry(i, p, 0, True) for i, p in enumerate(prompts)])
@@ -61,6 +63,17 @@ def test_batched_greedy_decode_matches_decoding_alone(runner):
     together = greedy(runner, [a, b], 8)
     assert together[0] == greedy(runner, [a], 8)[0]
     assert together[1] == greedy(runner, [b], 8)[0]
+
+
+def test_seeds_beyond_32_bits_sample_apart_and_each_repeats_itself(runner):
+    """Cloudflare and Dataoorts document seeds up to 9999999999: cutting them to 32 bits made 1 and 2**32 + 1
+    sample alike."""
+    prompt = runner.tokenize("Once upon a time", add_special=False, parse_special=False)
+    params = SamplingParams(temperature=1.5, max_tokens=16)
+    low, high = greedy(runner, [prompt, prompt], 16, params, seeds=[1, 2**32 + 1])
+    assert low != high
+    assert greedy(runner, [prompt, prompt], 16, params, seeds=[2**32 + 1, 9_999_999_999])[0] == high
+    assert sampler_seed(7) == 7 and sampler_seed(2**32 - 1) != 2**32 - 1  # llama.cpp's "random seed" value
 
 
 def test_logprobs_are_a_distribution(runner):
@@ -108,7 +121,7 @@ def test_default_thread_count_decodes():
     process so a crash fails this test, not the whole session."""
     code = (
         "from deepserve.bundled import bundled_model_path\n"
-        "from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner\n"
+        "from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner, sampler_seed\n"
         "from deepserve.engine.types import SamplingParams\n"
         "r = LlamaRunner(str(bundled_model_path()), ctx_size_per_seq=256, num_seqs=2, batch_size=64)\n"
         "p = r.tokenize('The capital of France is', add_special=False, parse_special=False)\n"
