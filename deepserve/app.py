@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
 from deepserve import __version__
@@ -175,5 +176,8 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     app.add_middleware(CancelOnDisconnect)  # sees the client leave whatever the route does
     app.state.drain = Drain()  # deepserve.shutdown.GracefulServer starts it on SIGTERM/SIGINT
     app.add_middleware(DrainGuard, drain=app.state.drain, render_error=render_error)  # 503 while shutting down
+    if settings.allowed_origins:  # answers browsers' preflight OPTIONS before auth or routing see it
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["*"])
     app.add_middleware(RequestObserver, log_prompts=settings.log_prompts)  # outermost: request id, metrics, log
     return app

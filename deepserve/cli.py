@@ -97,6 +97,8 @@ def serve(
     shutdown_timeout: float = typer.Option(
         None, help="Seconds running requests get to finish after SIGTERM/SIGINT (default 30)."),
     metrics_key: str = typer.Option(None, help="Bearer token that /metrics requires (default: none, open)."),
+    allowed_origin: list[str] = typer.Option(
+        None, help="Origin browsers may call from (repeatable; default *: any; `none`: no CORS)."),
 ) -> None:
     """Serve the OpenAI-compatible API."""
     overrides = {
@@ -108,6 +110,7 @@ def serve(
         "sse_keepalive_s": sse_keepalive, "database_url": database_url, "admin_key": admin_key,
         "log_format": log_format, "log_prompts": log_prompts, "shutdown_timeout_s": shutdown_timeout,
         "metrics_key": metrics_key,
+        "allowed_origins": ([] if allowed_origin == ["none"] else allowed_origin) if allowed_origin else None,
     }
     if log_format is not None and log_format not in FORMATS:
         raise typer.BadParameter(f"must be one of {', '.join(FORMATS)}", param_hint="--log-format")

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     )
     admin_key: str | None = Field(None, description="key for the /admin/ API (no key: the admin API is off)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Browsers' cross-origin calls (a chat UI on another port): allowed from anywhere by default, as llama-server
+    # and vLLM (--allowed-origins) do; keys travel in headers, never cookies. Empty: no CORS headers at all.
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     sse_keepalive_s: float = Field(10.0, gt=0, description="idle seconds before a `: keep-alive` SSE comment")
     # operating it (deepserve.observability, deepserve.shutdown)
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each")
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
         None, description="bearer token /metrics requires (none: open, as vLLM and NIM serve it)"
     )
 
-    @field_validator("api_keys", "models", mode="before")
+    @field_validator("api_keys", "models", "allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         # DEEPSERVE_API_KEYS=key1,key2 / DEEPSERVE_MODELS=id1,id2 (comma-separated lists, not JSON)

@@ -172,13 +172,17 @@ class ToolCallParser:
         return None
 
     def flush(self) -> tuple[str, list[ToolCall]]:
-        """The end of the output. A call cut short (max_tokens) or never closed is kept if it parses."""
+        """The end of the output. A call cut short (max_tokens) or never closed is kept if it parses. Once the
+        answer has made calls, what follows them unfinished (the start of one more call, cut off) is dropped:
+        markup is no answer, and a client shows `content` next to `tool_calls`."""
         calls: list[ToolCall] = []
-        content = "" if self._after_calls and not self._held.strip() else self._held
+        made_calls = self.num_calls > 0
+        content = "" if made_calls or (self._after_calls and not self._held.strip()) else self._held
         self._held = ""
         if self._in_calls and self._buffer.strip():
             raw = self._section_marker + self._buffer
             buf = self._buffer.strip()
+            buf = buf[: len(buf) - _longest_partial(buf, (HERMES_END, CALL_END, CALLS_END))].strip()  # cut in its end
             self._buffer = ""
             if self.format == HERMES:
                 parsed = self._hermes(buf)
@@ -187,7 +191,7 @@ class ToolCallParser:
             if parsed is not None:
                 calls.append(ToolCall(id=new_call_id(), name=parsed[0], arguments=parsed[1], index=self.num_calls))
                 self.num_calls += 1
-            else:
+            elif not made_calls:
                 content += raw
         self._in_calls = False
         return content, calls

@@ -77,6 +77,16 @@ def test_deepseek_v31_syntax_and_a_call_cut_short():
     assert parse(HERMES, ['<tool_call>{"name": "get_time", "arguments": {}}']) == ("", [("get_time", {})])
 
 
+def test_max_tokens_cutting_one_more_call_leaves_no_markup_in_content():
+    call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+    # cut inside the end marker: the call is whole, so it counts
+    assert parse(HERMES, [call + call[:-3]]) == ("", [("get_time", {}), ("get_time", {})])
+    assert parse(HERMES, [call + "<"]) == ("", [("get_time", {})])  # the next call's first character
+    assert parse(HERMES, [call + '<tool_call>\n{"name": "get_t']) == ("", [("get_time", {})])
+    ds_call = f"{CALL_BEGIN}function{SEP}get_time\n```json\n{{}}\n```{CALL_END}"
+    assert parse(DEEPSEEK, [CALLS_BEGIN + ds_call + ds_call[:-4]]) == ("", [("get_time", {}), ("get_time", {})])
+
+
 def test_text_that_is_not_a_call_stays_content():
     assert parse(HERMES, ["a <tool_", "callx> b"]) == ("a <tool_callx> b", [])
     assert parse(HERMES, ["<tool_call>not json</tool_call>"]) == ("<tool_call>not json</tool_call>", [])

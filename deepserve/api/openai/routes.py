@@ -147,9 +147,9 @@ async def _completion_events(
     include_usage = body.include_usage
     groups = [[ChoiceResult(index=i) for i in range(body.n)] for _ in streams]
     echoed: set[int] = set()
+    offsets = [0] * len(prefixes)  # each choice's text so far: where its next token starts (text_offset)
     try:
         for prompt_index, stream in enumerate(streams):
-            offset = 0
             async with contextlib.aclosing(stream):
                 async for index, delta in stream:
                     groups[prompt_index][index].add(delta)
@@ -161,10 +161,11 @@ async def _completion_events(
                     if prefixes[choice_index] and choice_index not in echoed:
                         echoed.add(choice_index)
                         text = prefixes[choice_index] + text  # echo: the prompt leads the first chunk
+                        offsets[choice_index] += len(prefixes[choice_index])
                     logprobs = None
                     if body.logprobs is not None and delta.logprobs:
-                        logprobs = render.completion_logprobs(delta.logprobs, offset)
-                    offset += len(text)
+                        logprobs = render.completion_logprobs(delta.logprobs, offsets[choice_index])
+                    offsets[choice_index] += len(delta.text)
                     finish = render.finish_reason(delta.finish_reason)
                     if text or logprobs or finish:
                         yield sse.event(

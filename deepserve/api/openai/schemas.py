@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from deepserve.chat_options import ChatOptions
 from deepserve.engine.types import SamplingParams
@@ -40,8 +40,11 @@ class ChatMessage(BaseModel):
                     "only 'text' is.",
                     param="messages",
                 )
-            message["content"] = "".join(p.text or "" for p in content)
+            # One line each, as vLLM and llama-server join them (the same request gets the same prompt there).
+            message["content"] = "\n".join(p.text or "" for p in content)
         elif content is None:
+            if self.role != "assistant":  # only an assistant turn (tool calls) may come without content
+                raise InvalidRequestError(f"A {self.role} message must have content.", param="messages")
             message["content"] = ""
         if message["role"] == "developer":  # OpenAI's newer name for the system role
             message["role"] = "system"
@@ -60,7 +63,7 @@ class _SamplingFields(_Lenient):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False  # OpenAI and vLLM refuse "yes" or 1 here; pydantic's lax bool would take them
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -78,6 +81,13 @@ class _SamplingFields(_Lenient):
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {token}")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and info.data.get("stream") is not True:
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
 
     @field_validator("stop")

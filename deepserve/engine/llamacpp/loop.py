@@ -131,7 +131,7 @@ class LlamaCppEngine:
 
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:
-            raise InvalidRequestError("The prompt is empty.", param="messages")
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
         if num_prompt_tokens + max_tokens > self.ctx_size:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.ctx_size} tokens. However, you requested "
@@ -142,6 +142,15 @@ class LlamaCppEngine:
 
     def submit(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         self.check_fits(len(request.prompt_tokens), request.sampling.max_tokens)
+        prompt = request.prompt_tokens
+        if prompt and not (0 <= min(prompt) and max(prompt) < self.runner.num_vocab):
+            # A token id outside the vocabulary fails llama_decode for the whole step: every request in it.
+            bad = next(t for t in prompt if not 0 <= t < self.runner.num_vocab)
+            raise InvalidRequestError(
+                f"The prompt contains token id {bad}, but this model's vocabulary has {self.runner.num_vocab} "
+                f"tokens (0-{self.runner.num_vocab - 1}).",
+                param="prompt",
+            )
         unknown = [t for t in request.sampling.logit_bias if not 0 <= t < self.runner.num_vocab]
         if unknown:
             raise InvalidRequestError(
@@ -475,7 +484,10 @@ class LlamaCppEngine:
             self._postbox.put(state.collector, delta)
             return False
         if delta.stop_reason is None:  # not cut by a stop string: release what was held back
-            self._emit(state, delta, state.decoder.decode(b"", final=True), final=True)
+            # Bytes still buffered are a character the output was cut inside: dropped, as llama-server does,
+            # rather than sent as U+FFFD, a character the model never wrote.
+            state.decoder.reset()
+            self._emit(state, delta, "", final=True)
         if status == RequestStatus.FINISHED_STOPPED and state.num_tool_calls:
             delta.finish_reason = FinishReason.TOOL_CALLS
         self._finish(seq, status, delta=delta)

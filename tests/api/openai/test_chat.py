@@ -165,6 +165,31 @@ def test_content_parts_are_accepted(client: openai.OpenAI, server):
     assert r.usage.prompt_tokens == plain.usage.prompt_tokens
 
 
+def test_text_parts_are_one_line_each_as_vllm_and_llama_server_join_them(client: openai.OpenAI, server):
+    parts = client.chat.completions.create(
+        model=server.model, max_tokens=1,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]}],
+    )
+    lines = client.chat.completions.create(model=server.model, max_tokens=1,
+                                           messages=[{"role": "user", "content": "Say\nhello"}])
+    assert parts.usage.prompt_tokens == lines.usage.prompt_tokens
+
+
+def test_a_user_message_without_content_is_400(client: openai.OpenAI, server):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=server.model, max_tokens=1, messages=[{"role": "user"}])
+    assert refused.value.body["param"] == "messages" and "content" in refused.value.body["message"]
+
+
+def test_an_output_cut_inside_a_character_drops_its_bytes_instead_of_sending_a_replacement(client, server):
+    messages = [{"role": "user", "content": "Repeat exactly: 😀🎉 日本語"}]
+    texts = [client.chat.completions.create(model=server.model, messages=messages, max_tokens=n, temperature=0)
+             .choices[0].message.content for n in range(4, 14)]
+    assert not [t for t in texts if "\ufffd" in t]
+    assert any("😀" in t for t in texts)  # the cuts fell around multi-byte characters
+    assert texts == sorted(texts, key=len) and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+
+
 def test_models_list_and_get(client: openai.OpenAI, server):
     ids = [m.id for m in client.models.list()]
     assert ids == [server.model]

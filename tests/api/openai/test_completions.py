@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import openai
+import pytest
 
 
 def test_completion_of_a_string_prompt(client: openai.OpenAI, server):
@@ -50,3 +51,33 @@ def test_completion_logprobs_and_echo(client: openai.OpenAI, server):
 def test_token_id_prompt_is_accepted(client: openai.OpenAI, server):
     r = client.completions.create(model=server.model, prompt=[504, 3458, 282], max_tokens=2)
     assert r.usage.prompt_tokens == 3
+
+
+def test_token_ids_outside_the_vocabulary_are_400_and_leave_running_requests_alone(client: openai.OpenAI, server):
+    stream = client.completions.create(model=server.model, prompt="Count: 1, 2, 3,", max_tokens=12, stream=True,
+                                       extra_body={"ignore_eos": True})
+    first = next(iter(stream))  # a request decoding in the engine's batch
+    for prompt in ([33, 10**6], [-1], [[504], [33, 49152]]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=server.model, prompt=prompt, max_tokens=2)
+        assert refused.value.body["param"] == "prompt" and "vocabulary" in refused.value.body["message"]
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert len([first, *rest]) == 12
+
+
+def test_streamed_text_offsets_are_each_choices_own_and_count_the_echoed_prompt(client: openai.OpenAI, server):
+    args = dict(model=server.model, prompt="Once upon", max_tokens=4, n=2, seed=3, logprobs=1, temperature=1.0,
+                extra_body={"ignore_eos": True})
+    for echo in (False, True):
+        full = client.completions.create(**args, echo=echo)
+        streamed = {0: [], 1: []}
+        for chunk in client.completions.create(**args, echo=echo, stream=True):
+            for choice in chunk.choices:
+                if choice.logprobs:
+                    streamed[choice.index] += choice.logprobs.text_offset
+        for choice in full.choices:
+            assert streamed[choice.index] == choice.logprobs.text_offset
+            text = choice.text
+            starts = [text.index(token, at) for token, at in zip(choice.logprobs.tokens, choice.logprobs.text_offset)]
+            assert starts == choice.logprobs.text_offset  # each offset is where its token sits in the text

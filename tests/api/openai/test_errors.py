@@ -116,3 +116,27 @@ def test_image_content_part_is_rejected_clearly(http, server):
         json={"model": server.model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
     )
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_stream_must_be_a_boolean_and_stream_options_needs_a_stream(http, server):
+    base = {"model": server.model, "messages": MESSAGES, "max_tokens": 1}
+    for extra, param in (({"stream": "yes"}, "stream"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+                         ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options")):
+        r = http.post("/v1/chat/completions", json={**base, **extra})
+        assert r.status_code == 400 and param in r.json()["error"]["message"] + str(r.json()["error"]["param"]), r.text
+
+
+def test_an_empty_completion_prompt_names_the_prompt(http, server):
+    r = http.post("/v1/completions", json={"model": server.model, "prompt": "", "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_browsers_preflight_and_call_from_another_origin_are_allowed(http, server):
+    origin = {"Origin": "http://localhost:5173"}
+    preflight = http.options("/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] in ("*", origin["Origin"])
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    r = http.post("/v1/chat/completions", headers=origin,
+                  json={"model": server.model, "messages": MESSAGES, "max_tokens": 1})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
