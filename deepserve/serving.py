@@ -174,6 +174,7 @@ class ChoiceResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo + logprobs: the prompt's own
     finish_reason: FinishReason | None = None
     stop_reason: str | None = None
     error: str | None = None
@@ -190,6 +191,7 @@ class ChoiceResult:
         self.tool_calls.extend(delta.tool_calls)
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        self.prompt_logprobs.extend(delta.prompt_logprobs)
         if delta.finish_reason is not None:
             self.num_reasoning_tokens = delta.num_reasoning_tokens
             self.finish_reason = delta.finish_reason

@@ -93,6 +93,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Log-probabilities of the prompt's own tokens too, with this many alternatives each (None: not wanted):
+    # legacy completions with echo + logprobs, how lm-evaluation-harness scores a continuation. The prompt is
+    # then computed from its first token (no prompt cache: a cached prefix has no logits).
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's -100..100)
     reasoning: ReasoningParams | None = None  # None: the output is never parsed for reasoning (completions)
     grammar: GrammarSpec | None = None  # structured output / forced tool calls
@@ -145,7 +149,7 @@ class GenerateRequest:
 class TokenLogprob:
     token: str
     token_bytes: bytes
-    logprob: float
+    logprob: float | None  # None: the prompt's first token (nothing came before it)
     top: list[tuple[str, bytes, float]] = field(default_factory=list)
 
 
@@ -173,6 +177,7 @@ class TokenDelta:
     tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the first token (prompt_logprobs)
     finish_reason: FinishReason | None = None
     stop_reason: str | None = None  # the stop string that ended generation, if any
     num_prompt_tokens: int = 0

@@ -60,15 +60,23 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_offset_start: int) -> dict[str, Any]:
-    offsets, at = [], text_offset_start
+def completion_logprobs(entries: list[TokenLogprob], text_offset_start: int,
+                        prompt_entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    """Legacy completions' logprobs. `prompt_entries` (echo): the prompt's tokens lead, from offset 0, the first
+    with null logprob and alternatives (OpenAI's and vLLM's shape); the output's start at `text_offset_start`."""
+    offsets, at = [], 0
+    for e in prompt_entries or ():
+        offsets.append(at)
+        at += len(e.token)
+    at = text_offset_start
     for e in entries:
         offsets.append(at)
         at += len(e.token)
+    every = [*(prompt_entries or ()), *entries]
     return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+        "tokens": [e.token for e in every],
+        "token_logprobs": [e.logprob for e in every],
+        "top_logprobs": [None if e.logprob is None else {t: lp for t, _, lp in e.top} for e in every],
         "text_offset": offsets,
     }
 
@@ -166,7 +174,8 @@ def text_completion(
             {
                 "index": i,
                 "text": prefixes[i] + c.text,
-                "logprobs": completion_logprobs(c.logprobs, len(prefixes[i])) if want_logprobs else None,
+                "logprobs": (completion_logprobs(c.logprobs, len(prefixes[i]), c.prompt_logprobs if prefixes[i] else None)
+                             if want_logprobs else None),
                 "finish_reason": finish_reason(c.finish_reason),
                 "stop_reason": c.stop_reason,
             }

@@ -120,7 +120,8 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
         token_lists = [fim_prompt_tokens(model, p, body.suffix) for p in prompts]
     else:
         token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
-    texts = [p if isinstance(p, str) else "" for p in prompts]
+    detokenize = getattr(model.engine, "detokenize", None)
+    texts = [p if isinstance(p, str) else detokenize(p) if body.echo and detokenize else "" for p in prompts]
     longest = max(len(t) for t in token_lists)
     sampling = apply_model_defaults(model, body.to_sampling(model.resolve_max_tokens(body.max_tokens, longest)),
                                     omitted=body.omitted_sampling())
@@ -158,13 +159,15 @@ async def _completion_events(
                         yield sse.event(render.error_body(f"The engine failed while generating: {delta.error}", "server_error"))
                         continue
                     text = delta.text
+                    prompt_logprobs = None
                     if prefixes[choice_index] and choice_index not in echoed:
                         echoed.add(choice_index)
                         text = prefixes[choice_index] + text  # echo: the prompt leads the first chunk
                         offsets[choice_index] += len(prefixes[choice_index])
+                        prompt_logprobs = delta.prompt_logprobs  # and its tokens' logprobs lead the first logprobs
                     logprobs = None
-                    if body.logprobs is not None and delta.logprobs:
-                        logprobs = render.completion_logprobs(delta.logprobs, offsets[choice_index])
+                    if body.logprobs is not None and (delta.logprobs or prompt_logprobs):
+                        logprobs = render.completion_logprobs(delta.logprobs, offsets[choice_index], prompt_logprobs)
                     offsets[choice_index] += len(delta.text)
                     finish = render.finish_reason(delta.finish_reason)
                     if text or logprobs or finish:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
@@ -194,4 +195,7 @@ class CompletionRequest(_SamplingFields):
 
     def to_sampling(self, max_tokens: int) -> SamplingParams:
         wants_logprobs = self.logprobs is not None
-        return self.sampling(max_tokens=max_tokens, logprobs=wants_logprobs, top_logprobs=self.logprobs or 0)
+        params = self.sampling(max_tokens=max_tokens, logprobs=wants_logprobs, top_logprobs=self.logprobs or 0)
+        if self.echo and wants_logprobs:  # the echoed prompt's tokens get logprobs too (OpenAI, vLLM)
+            params = replace(params, prompt_logprobs=self.logprobs)
+        return params

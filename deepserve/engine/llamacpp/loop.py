@@ -47,6 +47,7 @@ class _SequenceState:
     num_reasoning_tokens: int = 0
     close_forced: bool = False  # the engine has closed the reasoning itself (budget spent)
     num_tool_calls: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, sent with the first token
 
 
 @dataclass(slots=True)
@@ -125,6 +126,11 @@ class LlamaCppEngine:
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.runner.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of prompt tokens (echo of a token-id prompt); ids outside the vocabulary give nothing."""
+        pieces = b"".join(self.runner.token_piece(t) for t in tokens if 0 <= t < self.runner.num_vocab)
+        return pieces.decode("utf-8", errors="replace")
 
     def fim_token_ids(self) -> tuple[int, int, int] | None:
         return self.runner.fim_token_ids()
@@ -320,9 +326,10 @@ class LlamaCppEngine:
         if not chunks:
             return
         try:
-            rows = self.runner.decode(
-                [BatchEntry(c.sequence.slot.seq_id, c.tokens, c.start, c.want_logits) for c in chunks]
-            )
+            rows = self.runner.decode([
+                BatchEntry(c.sequence.slot.seq_id, c.tokens, c.start, c.want_logits, self._scores_prompt(c))
+                for c in chunks
+            ])
         except DecodeError as exc:
             self._fail_plan(plan, str(exc))
             return
@@ -330,6 +337,10 @@ class LlamaCppEngine:
         self.counters.max_seqs_in_step = max(self.counters.max_seqs_in_step, len(chunks))
         for chunk, row in zip(chunks, rows):
             seq = chunk.sequence
+            if self._scores_prompt(chunk):
+                self._score_prompt(seq, chunk, row)
+                if not chunk.want_logits:
+                    row = -1
             if row < 0:
                 self.scheduler.commit(chunk, None)
                 continue
@@ -448,9 +459,31 @@ class LlamaCppEngine:
         pieces = b"".join(self.runner.token_piece(t, special=True) for t in prompt_tokens[-num_tokens:])
         return pieces.decode("utf-8", errors="replace")
 
-    def _logprob(self, seq: Sequence, row: int, token: int) -> TokenLogprob:
+    @staticmethod
+    def _scores_prompt(chunk: ScheduledChunk) -> bool:
+        """A prefill chunk of a request that wants its prompt's logprobs: every token's logits are kept."""
+        seq = chunk.sequence
+        return seq.request.sampling.prompt_logprobs is not None and chunk.start < len(seq.prompt_tokens)
+
+    def _score_prompt(self, seq: Sequence, chunk: ScheduledChunk, last_row: int) -> None:
+        """The logprob of each prompt token after this chunk's positions (logits row i scores token i + 1);
+        the prompt's first token has none (as vLLM and OpenAI's echo report it)."""
+        state: _SequenceState = seq.state
+        prompt, num_top = seq.prompt_tokens, seq.request.sampling.prompt_logprobs or 0
+        if chunk.start == 0:
+            piece = self.runner.token_piece(prompt[0])
+            state.prompt_logprobs.append(TokenLogprob(piece.decode("utf-8", errors="replace"), piece, None))
+        first_row = last_row - len(chunk.tokens) + 1
+        for k in range(len(chunk.tokens)):
+            position = chunk.start + k
+            if position + 1 >= len(prompt):
+                break  # the last prompt position's logits pick the first output token
+            state.prompt_logprobs.append(self._logprob(seq, first_row + k, prompt[position + 1], num_top))
+
+    def _logprob(self, seq: Sequence, row: int, token: int, num_top: int | None = None) -> TokenLogprob:
         piece = self.runner.token_piece
-        chosen, top = self.runner.logprobs(row, token, seq.request.sampling.top_logprobs)
+        num_top = seq.request.sampling.top_logprobs if num_top is None else num_top
+        chosen, top = self.runner.logprobs(row, token, num_top)
         return TokenLogprob(
             token=piece(token).decode("utf-8", errors="replace"),
             token_bytes=piece(token),
@@ -465,6 +498,8 @@ class LlamaCppEngine:
         params = seq.request.sampling
         self.counters.num_generated_tokens += 1
         delta = TokenDelta(token_ids=[token], logprobs=[logprob] if logprob else [])
+        if state.prompt_logprobs:
+            delta.prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, []
         status: RequestStatus | None = None
         eog = self.runner.is_eog(token)
         # A finished grammar allows nothing but end-of-generation: stop even under ignore_eos.

@@ -71,6 +71,7 @@ class BatchEntry:
     tokens: list[int]
     start_pos: int
     want_logits: bool
+    all_logits: bool = False  # logits for every token (prompt logprobs); the row returned is still the last's
 
 
 class DecodeError(RuntimeError):
@@ -324,10 +325,10 @@ class LlamaRunner:
                 batch.pos[n] = pos
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq_id
-                batch.logits[n] = 0
+                batch.logits[n] = entry.all_logits
                 pos += 1
                 n += 1
-            if entry.want_logits:
+            if entry.want_logits or entry.all_logits:
                 batch.logits[n - 1] = 1
                 rows[index] = n - 1
         if n > self.batch_size:

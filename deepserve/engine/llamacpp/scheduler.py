@@ -175,7 +175,8 @@ class Scheduler:
                 budget -= self._plan_prefill(seq, budget, plan)
         held: list[Sequence] = []
         while self.waiting and budget > 0:
-            placement = self._place(self.waiting[0].prompt_tokens)
+            head = self.waiting[0]
+            placement = self._place(head.prompt_tokens, reuse=head.request.sampling.prompt_logprobs is None)
             if placement is None:
                 break
             seq = self.waiting.popleft()
@@ -194,12 +195,16 @@ class Scheduler:
         plan.chunks.append(ScheduledChunk(seq, seq.num_computed, tokens, end == num_prompt))
         return len(tokens)
 
-    def _place(self, prompt: list[int]) -> _Placement | object | None:
+    def _place(self, prompt: list[int], reuse: bool = True) -> _Placement | object | None:
         """Where a prompt goes: a free slot, and the KV to copy into it first (a saved state or a busy slot's),
-        whichever lets it reuse the most; _WAIT to wait for a prefill in progress; None if no slot is free."""
+        whichever lets it reuse the most; _WAIT to wait for a prefill in progress; None if no slot is free.
+        `reuse` False: computed from its first token (its prompt logprobs need every position's logits)."""
         free = [slot for slot in self.slots if slot.is_free]
         if not free:
             return None
+        if not reuse:
+            return _Placement(max(free, key=lambda s: (self._busy_neighbours(s), not s.cached_tokens,
+                                                       -s.last_used_step)), 0)
         # Longest shared prefix first; among equals one next to busy slots, so that they stay consecutive
         # (llama.cpp decodes each run of consecutive sequence ids as a separate pass over the weights:
         # runner.decode says why); then the least recently used, to keep hot caches.

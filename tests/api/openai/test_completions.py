@@ -44,8 +44,9 @@ def test_completion_logprobs_and_echo(client: openai.OpenAI, server):
     )
     choice = r.choices[0]
     assert choice.text.startswith("1, 2, 3,")
-    assert len(choice.logprobs.tokens) == 3 and len(choice.logprobs.top_logprobs[0]) == 2
-    assert choice.logprobs.text_offset[0] == len("1, 2, 3,")
+    num_prompt = r.usage.prompt_tokens  # echo: the prompt's tokens lead the logprobs, then the 3 generated
+    assert len(choice.logprobs.tokens) == num_prompt + 3 and len(choice.logprobs.top_logprobs[-1]) == 2
+    assert choice.logprobs.text_offset[num_prompt] == len("1, 2, 3,")
 
 
 def test_token_id_prompt_is_accepted(client: openai.OpenAI, server):
@@ -81,3 +82,46 @@ def test_streamed_text_offsets_are_each_choices_own_and_count_the_echoed_prompt(
             text = choice.text
             starts = [text.index(token, at) for token, at in zip(choice.logprobs.tokens, choice.logprobs.text_offset)]
             assert starts == choice.logprobs.text_offset  # each offset is where its token sits in the text
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens_as_lm_eval_reads_them(client: openai.OpenAI, server):
+    """lm-evaluation-harness scores a continuation with echo=True, max_tokens=1, logprobs=1 and reads the prompt
+    tokens' token_logprobs: the prompt leads, its first token with null, then the output (OpenAI, vLLM)."""
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model=server.model, prompt=prompt, max_tokens=1, logprobs=1, echo=True,
+                                  temperature=0)
+    lp, num_prompt = r.choices[0].logprobs, r.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == num_prompt + 1
+    assert "".join(lp.tokens[:num_prompt]) == prompt and r.choices[0].text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(num_prompt + 1)]
+    # the prompt's last token scored as the output would be: the same logprob as in a completion of the rest
+    rest = client.completions.create(model=server.model, prompt=prompt.removesuffix(lp.tokens[num_prompt - 1]),
+                                     max_tokens=1, logprobs=5, temperature=0)
+    alternatives = rest.choices[0].logprobs.top_logprobs[0]
+    assert lp.tokens[num_prompt - 1] in alternatives
+    assert abs(alternatives[lp.tokens[num_prompt - 1]] - lp.token_logprobs[num_prompt - 1]) < 1e-3
+    # streamed: the same logprobs, and a cached prompt changes nothing (scoring recomputes it)
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(model=server.model, prompt=prompt, max_tokens=1, logprobs=1, echo=True,
+                                           temperature=0, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs:
+                for key in streamed:
+                    streamed[key] += getattr(choice.logprobs, key)
+    assert streamed["tokens"] == lp.tokens and streamed["text_offset"] == lp.text_offset
+    assert streamed["token_logprobs"][0] is None
+    assert all(abs(a - b) < 1e-4 for a, b in zip(streamed["token_logprobs"][1:], lp.token_logprobs[1:]))
+
+
+def test_echo_of_a_token_id_prompt_is_its_text(client: openai.OpenAI, server):
+    from deepserve.bundled import bundled_model_path
+    from deepserve.engine.llamacpp.runner import LlamaRunner
+    tokenizer = LlamaRunner(str(bundled_model_path()), ctx_size_per_seq=64, num_seqs=1, batch_size=64, num_threads=1)
+    try:
+        ids = tokenizer.tokenize("One, two,", add_special=False, parse_special=False)
+    finally:
+        tokenizer.close()
+    r = client.completions.create(model=server.model, prompt=ids, max_tokens=2, echo=True, temperature=0)
+    assert r.choices[0].text.startswith("One, two,") and len(r.choices[0].text) > len("One, two,")

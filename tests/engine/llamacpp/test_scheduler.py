@@ -313,3 +313,20 @@ def test_among_equally_good_slots_one_next_to_busy_ones_is_taken_so_they_stay_co
     s.add(newcomer)
     [admission] = s.schedule().admissions
     assert admission.seq_id == 1  # busy: 0, 1, 2 (one pass over the weights), not 0, 2, 3
+
+
+def test_a_request_scoring_its_prompt_reuses_no_cached_prefix():
+    s = Scheduler(num_slots=1, token_budget=64)
+    first = seq([1, 2, 3, 4], "first")
+    s.add(first)
+    run_step(s)
+    s.finish(first, RequestStatus.FINISHED_STOPPED)
+    same = seq([1, 2, 3, 4, 5], "same")  # would reuse 4 tokens of the slot
+    s.add(same)
+    assert s.schedule().admissions[0].num_reused == 4
+    s.finish(same, RequestStatus.FINISHED_STOPPED)
+    scored = Sequence(GenerateRequest(prompt_tokens=[1, 2, 3, 4, 5], request_id="scored",
+                                      sampling=SamplingParams(prompt_logprobs=1)))
+    s.add(scored)
+    plan = s.schedule()
+    assert plan.admissions[0].num_reused == 0 and plan.chunks[0].start == 0 and plan.chunks[0].tokens == [1, 2, 3, 4, 5]
