@@ -17,7 +17,8 @@ from deepserve.api import balance as balance_routes
 from deepserve.api.admin import routes as admin_routes
 from deepserve.api.content_type import JsonBodies
 from deepserve.api.disconnect import CancelOnDisconnect
-from deepserve.api.errors import ErrorRouter
+from deepserve.api.auth import require_bearer
+from deepserve.api.errors import ErrorRouter, openai_error_response
 from deepserve.api.limits import BodySizeLimit
 from deepserve.api.dataoorts import routes as dataoorts_routes
 from deepserve.api.openai import routes as openai_routes
@@ -155,6 +156,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     app.state.meter = billing.meter
     app.state.key_store = billing.key_store
     errors = ErrorRouter()
+    errors.register("/v1/", openai_error_response, require_bearer)  # OpenAI's routes take a Bearer key
     errors.install(app)
     app.state.errors = errors
     app.include_router(health.router)

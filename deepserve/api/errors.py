@@ -3,24 +3,31 @@
 Each dialect registers the paths it owns (a prefix, or a predicate on the path) and a function that turns a
 DeepserveError into its response; anything else (including FastAPI's own validation and routing errors) is
 converted first. Renderers also get the request: a dialect may put per-caller facts in its error headers.
+
+FastAPI parses a route's body before its dependencies run, so a malformed or invalid body (or one over the size
+limit) used to be answered before the key was looked at: a bad key got 400, not 401 (the providers check the
+key first), and Segmind's x-remaining-credits said 0 for a funded key. Each dialect also registers how its
+routes take the key; such an error on its paths authenticates first.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from deepserve.errors import DeepserveError, InvalidRequestError, NotFoundError
+from deepserve.errors import AuthenticationError, DeepserveError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 
 log = logging.getLogger(__name__)
 
 ErrorRenderer = Callable[[DeepserveError, Request], Response]
 PathMatch = str | Callable[[str], bool]  # a path prefix, or a predicate on the path
+Authenticate = Callable[[Request], Awaitable[Any]]  # raises AuthenticationError (deepserve.api.auth.require_*)
 
 
 def openai_error_response(error: DeepserveError, request: Request | None = None) -> Response:
@@ -60,39 +67,59 @@ def http_error(exc: StarletteHTTPException) -> DeepserveError:
 
 class ErrorRouter:
     def __init__(self, default: ErrorRenderer = openai_error_response):
-        self._by_predicate: list[tuple[Callable[[str], bool], ErrorRenderer]] = []
-        self._by_prefix: list[tuple[str, ErrorRenderer]] = []
+        self._by_predicate: list[tuple[Callable[[str], bool], ErrorRenderer, Authenticate | None]] = []
+        self._by_prefix: list[tuple[str, ErrorRenderer, Authenticate | None]] = []
         self._default = default
 
-    def register(self, match: PathMatch, renderer: ErrorRenderer) -> None:
+    def register(self, match: PathMatch, renderer: ErrorRenderer, authenticate: Authenticate | None = None) -> None:
         """`match` is a path prefix (the longest matching one wins) or a predicate on the path (checked
-        first, in registration order: for dialects whose paths share a prefix with another's)."""
+        first, in registration order: for dialects whose paths share a prefix with another's). `authenticate`:
+        how the routes there take their key, checked before a body error is answered."""
         if callable(match):
-            self._by_predicate.append((match, renderer))
+            self._by_predicate.append((match, renderer, authenticate))
             return
-        self._by_prefix.append((match, renderer))
+        self._by_prefix.append((match, renderer, authenticate))
         self._by_prefix.sort(key=lambda item: -len(item[0]))  # most specific first
 
-    def renderer_for(self, path: str) -> ErrorRenderer:
-        for predicate, renderer in self._by_predicate:
+    def _entry(self, path: str) -> tuple[ErrorRenderer, Authenticate | None]:
+        for predicate, renderer, authenticate in self._by_predicate:
             if predicate(path):
-                return renderer
-        for prefix, renderer in self._by_prefix:
+                return renderer, authenticate
+        for prefix, renderer, authenticate in self._by_prefix:
             if path.startswith(prefix):
-                return renderer
-        return self._default
+                return renderer, authenticate
+        return self._default, None
+
+    def renderer_for(self, path: str) -> ErrorRenderer:
+        return self._entry(path)[0]
 
     def render(self, request: Request, error: DeepserveError) -> Response:
         return self.renderer_for(request.url.path)(error, request)
 
+    async def _key_first(self, request: Request, error: DeepserveError) -> DeepserveError:
+        """A body error on a route that takes a key: a missing or bad key is the answer (401), and a good one
+        is known to the renderer (its balance in Segmind's header)."""
+        authenticate = self._entry(request.url.path)[1]
+        if authenticate is None or getattr(request.state, "principal", None) is not None:
+            return error
+        try:
+            await authenticate(request)
+        except AuthenticationError as refused:
+            return refused
+        except DeepserveError:  # the key store itself failed: the body error is still the answer
+            pass
+        return error
+
     def install(self, app: FastAPI) -> None:
         @app.exception_handler(DeepserveError)
         async def _deepserve(request: Request, exc: DeepserveError) -> Response:
+            if isinstance(exc, PayloadTooLargeError):
+                return self.render(request, await self._key_first(request, exc))
             return self.render(request, exc)
 
         @app.exception_handler(RequestValidationError)
         async def _validation(request: Request, exc: RequestValidationError) -> Response:
-            return self.render(request, validation_error(exc))
+            return self.render(request, await self._key_first(request, validation_error(exc)))
 
         @app.exception_handler(StarletteHTTPException)
         async def _http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -485,6 +485,7 @@ def test_every_segmind_answer_carries_x_remaining_credits(billed):
             "wrong method": seg(key, method="GET"),
             "invalid": seg(key, json={"messages": messages, "max_tokens": -1}),
             "not json": seg(key, content=b"{", headers={"content-type": "application/json"}),
+            "not json, bad key": seg("ds-" + "x" * 43, content=b"{", headers={"content-type": "application/json"}),
             "broke": seg(broke, json={"messages": messages}),
             "other model": seg(narrow, json={"messages": messages}),
         }
@@ -495,7 +496,8 @@ def test_every_segmind_answer_carries_x_remaining_credits(billed):
         answers["rate limited"] = seg(limited, json={"messages": messages, "max_tokens": 1})
     statuses = {name: r.status_code for name, r in answers.items()}
     assert statuses == {"stream": 200, "no key": 401, "bad key": 401, "bearer only": 401, "unknown slug": 404,
-                        "wrong method": 405, "invalid": 400, "not json": 400, "broke": 406, "other model": 403,
+                        "wrong method": 405, "invalid": 400, "not json": 400, "not json, bad key": 401,
+                        "broke": 406, "other model": 403,
                         "idempotent": 200, "idempotency mismatch": 422, "one a minute": 200, "rate limited": 429}
     assert answers["rate limited"].headers["retry-after"] and answers["rate limited"].headers[
         "x-ratelimit-remaining-requests"] == "0"
@@ -506,6 +508,9 @@ def test_every_segmind_answer_carries_x_remaining_credits(billed):
             assert set(r.json()) == {"error"} and isinstance(r.json()["error"], str), name
     assert answers["broke"].headers["x-remaining-credits"] == "0.00"
     assert answers["no key"].headers["x-remaining-credits"] == "0"  # nobody to ask about
+    # a body FastAPI refuses before the route runs: the key is still looked up, its balance still told
+    assert answers["not json"].headers["x-remaining-credits"] == answers["invalid"].headers["x-remaining-credits"]
+    assert parse_dollars(answers["not json"].headers["x-remaining-credits"]) > 0
 
 
 def test_an_expired_key_gets_401_in_every_dialect_and_is_never_echoed(billed):

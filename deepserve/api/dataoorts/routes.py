@@ -26,4 +26,4 @@ async def run(body: DataoortsRequest, request: Request, _: Principal = Depends(r
 
 def install(app: FastAPI) -> None:
     app.include_router(router)
-    app.state.errors.register(lambda path: path == PATH, render.error_response)
+    app.state.errors.register(lambda path: path == PATH, render.error_response, require_bearer)

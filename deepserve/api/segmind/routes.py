@@ -111,4 +111,4 @@ async def wrong_method(_: ServedModel = Depends(slug_model)) -> Response:
 def install(app: FastAPI) -> None:
     """Include after the OpenAI routes: theirs must match first."""
     app.include_router(router)
-    app.state.errors.register(is_slug_path, error_response)
+    app.state.errors.register(is_slug_path, error_response, require_api_key)

@@ -84,4 +84,4 @@ async def chat_completions(
 
 def install(app: FastAPI) -> None:
     app.include_router(router)
-    app.state.errors.register(PATH_PREFIX, render.error_response)
+    app.state.errors.register(PATH_PREFIX, render.error_response, require_bearer)

@@ -140,3 +140,16 @@ def test_a_browsers_preflight_and_call_from_another_origin_are_allowed(http, ser
     r = http.post("/v1/chat/completions", headers=origin,
                   json={"model": server.model, "messages": MESSAGES, "max_tokens": 1})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize("path,body,headers", [
+    ("/v1/chat/completions", b'{"model": ', {"Authorization": "Bearer wrong"}),
+    ("/client/v4/accounts/a/ai/run/m", b'{"prompt": ', {"Authorization": "Bearer wrong"}),
+    ("/api/v1", b'{"model": ', {"Authorization": "Bearer wrong"}),
+    ("/v1/deepseek-reasoner", b'{"messages": ', {"x-api-key": "wrong"}),
+    ("/v1/chat/completions", b'{"model": ', {}),
+], ids=["openai", "workers-ai", "dataoorts", "segmind", "openai-no-key"])
+def test_a_bad_key_is_401_even_when_the_body_is_not_json_either(server, path, body, headers):
+    """The providers look at the key first; FastAPI parses the body before the route's key check runs."""
+    r = httpx.post(server.root_url + path, content=body, headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 401, r.text
