@@ -50,7 +50,9 @@ def set_price(
     model: str = typer.Argument(..., help="The model id the server serves it under."),
     input_usd: str = typer.Option(..., "--input", help="Dollars per million prompt tokens, e.g. 0.14."),
     output_usd: str = typer.Option(..., "--output", help="Dollars per million completion tokens."),
-    cached_usd: str = typer.Option(None, "--cached-input", help="Dollars per million cached prompt tokens (default: --input)."),
+    cached_usd: str = typer.Option(
+        None, "--cached-input",
+        help="Dollars per million cached prompt tokens (default: the catalog's discount on --input, else --input)."),
     url: str = typer.Option(None, "--database-url", help=DATABASE_URL_HELP),
     data_dir: str = typer.Option(None, help=DATA_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -59,8 +61,19 @@ def set_price(
     from deepserve.billing.accounts import set_price as store_price
     from deepserve.billing.money import TokenPrices, parse_dollars
 
+    from deepserve.billing.money import dollars
+    from deepserve.catalog import default_catalog
+
     try:
-        prices = TokenPrices(parse_dollars(input_usd), parse_dollars(cached_usd or input_usd), parse_dollars(output_usd))
+        input_price = parse_dollars(input_usd)
+        if cached_usd is not None:
+            cached_price = parse_dollars(cached_usd)
+        else:  # keep the catalog's cache discount (deepseek-r1: $0.14 of $0.55), not the full input price
+            entry = default_catalog().find(model)
+            listed = entry.prices if entry is not None else None
+            cached_price = (input_price * listed.cached_input // listed.input if listed and listed.input
+                            else input_price)
+        prices = TokenPrices(input_price, cached_price, parse_dollars(output_usd))
         store_price(open_engine(url, data_dir), model, prices)
     except ValueError as exc:
         fail(str(exc))
@@ -68,7 +81,8 @@ def set_price(
         typer.echo(json.dumps({"model": model, "unit": "nanodollars_per_million_tokens", "input": prices.input,
                                "cached_input": prices.cached_input, "output": prices.output}))
     else:
-        typer.echo(f"{model}: ${input_usd} in, ${cached_usd or input_usd} cached in, ${output_usd} out per million tokens")
+        typer.echo(f"{model}: ${dollars(prices.input)} in, ${dollars(prices.cached_input)} cached in, "
+                   f"${dollars(prices.output)} out per million tokens")
 
 
 @app.command("unset")

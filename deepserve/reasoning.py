@@ -142,6 +142,10 @@ class ThinkParser:
             return [(Part.CONTENT, held)]
         if self._state == _State.CONTENT:
             return [(Part.CONTENT, held)]
+        if self._state == _State.REASONING:
+            # A proper prefix of `</think>` cut off by max_tokens (the model's close, or the engine's forced
+            # one): markup, not a thought.
+            return []
         return [(Part.REASONING, held)]
 
 

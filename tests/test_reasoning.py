@@ -26,7 +26,9 @@ def run(pieces: list[str], *, starts_in_reasoning: bool) -> tuple[str, str, list
     """Feed pieces; return (reasoning, content, the tags seen) and check nothing is lost."""
     parser = ThinkParser(starts_in_reasoning=starts_in_reasoning)
     parts = [p for piece in pieces for p in parser.feed(piece)] + parser.flush()
-    assert "".join(text for _, text in parts) == "".join(pieces)  # every character lands somewhere, in order
+    # every character lands somewhere, in order; but a `</think>` cut short at the end is dropped (markup)
+    emitted, given = "".join(text for _, text in parts), "".join(pieces)
+    assert emitted == given or (given.startswith(emitted) and "</think>".startswith(given[len(emitted):]))
     kinds = [k for k, _ in parts]
     assert kinds == sorted(kinds, key=[Part.OPEN, Part.REASONING, Part.CLOSE, Part.CONTENT].index)  # never back
     reasoning = "".join(t for k, t in parts if k == Part.REASONING)
@@ -51,7 +53,7 @@ CASES = {
     ("Let me think: 2+2=4.\n</think>\n\nThe answer is 4.", True): ("Let me think: 2+2=4.\n", "\n\nThe answer is 4.", [Part.CLOSE]),
     ("<think>\nhmm</think>ok", False): ("\nhmm", "ok", [Part.OPEN, Part.CLOSE]),
     ("\n <think>é</think>", False): ("é", "", [Part.OPEN, Part.CLOSE]),
-    ("<think>\nnever closed </thi", False): ("\nnever closed </thi", "", [Part.OPEN]),
+    ("<think>\nnever closed </thi", False): ("\nnever closed ", "", [Part.OPEN]),  # a cut inside the close tag
     ("still thinking, no end", True): ("still thinking, no end", "", []),
     ("No reasoning here. <think> is just text", False): ("", "No reasoning here. <think> is just text", []),
     ("<thinking>not a tag", False): ("", "<thinking>not a tag", []),

@@ -6,8 +6,8 @@ middleware writes them when the response starts, unless the route already did (S
 `x-remaining-credits` is the account's available balance in US dollars as an exact decimal string (e.g.
 "4.999871"): the balance less what requests in flight hold. On a complete answer it is the balance after this
 call was charged; on a stream (whose headers go out first) it is what remains after its worst case was
-reserved. Callers that are not metered (operator keys from configuration, --no-auth) get no header, except
-on Segmind's routes, which always carry one ("0").
+reserved. Callers that are not metered (operator keys from configuration, --no-auth) get no header, on
+Segmind's routes too (a "0" there would read as out of credits); an unknown caller on Segmind's gets "0".
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ the Hub announces, and only a file that passes is registered.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,21 @@ _GGUF_MAGIC = b"GGUF"
 class PullError(Exception):
     """Why weights could not be fetched or registered, in words for the operator."""
 
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """OSError, and the HTTP client's own errors: huggingface_hub 2.x talks through httpx2, whose ConnectError
+    is no OSError (an unreachable Hub printed a traceback instead of one line)."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
 
 def pull(
     entry: CatalogEntry,
@@ -81,7 +97,7 @@ def pull(
         raise PullError(f"{source.repo} has no revision {source.revision!r}") from exc
     except HfHubHTTPError as exc:
         raise PullError(f"could not download {where}: {exc}") from exc
-    except OSError as exc:  # network down, disk full, size mismatch while streaming
+    except _TRANSPORT_ERRORS as exc:  # network down, disk full, size mismatch while streaming
         raise PullError(f"could not download {where}: {exc}") from exc
 
     previous = registry.get(entry.id)

@@ -101,4 +101,7 @@ def test_prices_set_list_unset(db_url):
     math = rows["deepseek-ai/deepseek-math-7b-instruct"]
     assert (math["source"], math["input"], math["output"]) == ("operator", 200_000_000, 300_000_000)
     assert "deepseek-math-7b-instruct" not in rows
+    # Without --cached-input a catalog model keeps its cache discount: deepseek-r1 lists $0.14 of $0.55
+    r1 = json.loads(deepserve("prices", "set", "deepseek-r1", "--input", "1.10", "--output", "4.38", "--json", url=db_url))
+    assert (r1["input"], r1["cached_input"]) == (1_100_000_000, 280_000_000)
     assert "removed" in deepserve("prices", "unset", "my-model", url=db_url)

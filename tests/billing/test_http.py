@@ -302,7 +302,7 @@ def test_operator_keys_are_not_metered(billed):
         r = http.request(**dialect_request("openai", billed.model, OPERATOR_KEY))
         assert r.status_code == 200 and "x-remaining-credits" not in r.headers
         seg = http.request(**dialect_request("segmind", billed.model, OPERATOR_KEY))
-        assert seg.status_code == 200 and seg.headers["x-remaining-credits"] == "0"
+        assert seg.status_code == 200 and "x-remaining-credits" not in seg.headers  # no account: no "0" to misread
         balance = http.get("/user/balance", headers={"Authorization": f"Bearer {OPERATOR_KEY}"}).json()
     assert balance == {"is_available": True, "balance_infos": []}
 

@@ -205,3 +205,13 @@ def test_models_without_gguf_weights_are_refused_before_any_request(hub, registr
     with pytest.raises(PullError, match="no GGUF quantisation 'Q2_K'"):
         pull(catalog.get(CODER), registry, quant="Q2_K", endpoint=hub.endpoint)
     assert hub.requests == []
+
+
+def test_an_unreachable_hub_is_one_clear_error_not_a_traceback(registry):
+    import socket
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(PullError, match="could not download"):
+        pull(default_catalog().get(CODER), registry, endpoint=closed)
+    assert registry.get(CODER) is None

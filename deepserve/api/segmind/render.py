@@ -19,9 +19,14 @@ CREDITS_HEADER = billing_headers.CREDITS_HEADER
 NOT_ENOUGH_CREDITS = 406  # Segmind's status for an exhausted balance (InsufficientBalanceError, 402 elsewhere)
 
 
-def remaining_credits(request: Request | None) -> str:
+def remaining_credits(request: Request | None) -> str | None:
     """`x-remaining-credits`: the caller's available balance in US dollars, an exact decimal string (after this
-    call's charge; for a stream, after its reservation). "0" when the caller is not metered or not known."""
+    call's charge; for a stream, after its reservation). "0" when the caller is not known (no key, a bad key);
+    None (no header) for a caller with no account to count down: an operator key or --no-auth, whose "0" a
+    Segmind client would read as out of credits."""
+    principal = principal_of(request)
+    if principal is not None and not principal.is_metered:
+        return None
     state = request.state if request is not None else None
     return (billing_headers.remaining_credits(state) if state is not None else None) or "0"
 
@@ -31,6 +36,7 @@ def principal_of(request: Request | None) -> Principal | None:
 
 
 def error_response(error: DeepserveError, request: Request | None = None) -> Response:
-    headers = {**error.headers, CREDITS_HEADER: remaining_credits(request)}
+    credits = remaining_credits(request)
+    headers = {**error.headers, **({CREDITS_HEADER: credits} if credits is not None else {})}
     status = NOT_ENOUGH_CREDITS if isinstance(error, InsufficientBalanceError) else error.status_code
     return JSONResponse({"error": error.message}, status_code=status, headers=headers)

@@ -98,7 +98,9 @@ async def run(
     model: ServedModel = Depends(slug_model),
 ) -> Response:
     response = await chat_completion_response(body.to_openai(slug), model, request)
-    response.headers[CREDITS_HEADER] = remaining_credits(request)
+    credits = remaining_credits(request)
+    if credits is not None:
+        response.headers[CREDITS_HEADER] = credits
     return response
 
 
