@@ -14,6 +14,7 @@ from starlette.requests import Request
 from deepserve import __version__
 from deepserve.api import health
 from deepserve.api import balance as balance_routes
+from deepserve.api import tokenize as tokenize_routes
 from deepserve.api.admin import routes as admin_routes
 from deepserve.api.content_type import JsonBodies
 from deepserve.api.disconnect import CancelOnDisconnect
@@ -164,6 +165,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     app.include_router(balance_routes.router)
     admin_routes.install(app)
     app.include_router(openai_routes.router)
+    app.include_router(tokenize_routes.router)  # /tokenize, /detokenize (vLLM's and llama-server's)
     workers_ai_routes.install(app)
     dataoorts_routes.install(app)
     segmind_routes.install(app)  # last: its /v1/{slug} must not shadow the OpenAI routes

@@ -1,0 +1,98 @@
+"""`POST /tokenize` and `POST /detokenize`, as vLLM and llama-server expose them (same paths, their fields).
+
+Clients count tokens before a request (to fit the context, to estimate its price) with the model's own
+tokenizer. One route takes either server's request and answers with both servers' fields:
+
+    tokenize    {"model"?, "prompt" (vLLM) | "content" (llama-server) | "messages" (vLLM: the chat as the model is
+                 prompted), "add_special_tokens" | "add_special", "with_pieces"?}
+             -> {"tokens": [...], "count": n, "max_model_len": ctx} (+ "token_strs" with pieces, and llama-server's
+                 [{"id", "piece"}] form of "tokens" when with_pieces is true)
+    detokenize  {"model"?, "tokens": [...]} -> {"prompt": text, "content": text}
+
+`model` may be left out when one model is served (llama-server has no model field). Keys as on /v1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict
+
+from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.openai.schemas import ChatMessage
+from deepserve.errors import InvalidRequestError
+from deepserve.serving import ServedModel
+
+router = APIRouter()
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_special: bool | None = None
+    add_generation_prompt: bool = True
+    with_pieces: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+def _local_model(request: Request, model_id: str | None) -> ServedModel:
+    models = request.app.state.models
+    if model_id is None:
+        served = list(models)
+        if len(served) != 1:
+            raise InvalidRequestError(f"Name the model: this server serves {len(served)}.", param="model")
+        model = served[0]
+    else:
+        model = models.get(model_id)
+    if model.takes_text_prompts:
+        raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine: tokenize there.",
+                                  param="model")
+    return model
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
+    model = _local_model(request, body.model)
+    texts = [t for t in (body.prompt, body.content) if t is not None]
+    if len(texts) + (body.messages is not None) != 1:
+        raise InvalidRequestError("Send exactly one of prompt, content or messages.", param="prompt")
+    if body.messages is not None:
+        tokens = model.chat_prompt_tokens([m.for_template() for m in body.messages]) if body.add_generation_prompt \
+            else model.engine.tokenize(model.template.render([m.for_template() for m in body.messages],
+                                                             add_generation_prompt=False),
+                                       add_special=False, parse_special=True)
+    else:
+        # vLLM adds the model's special tokens by default; llama-server's add_special defaults to false
+        add = body.add_special_tokens if body.add_special_tokens is not None else \
+            body.add_special if body.add_special is not None else body.content is None
+        tokens = model.engine.tokenize(texts[0], add_special=add, parse_special=body.content is not None)
+    answer: dict[str, Any] = {"tokens": list(tokens), "count": len(tokens), "max_model_len": model.ctx_size}
+    if body.with_pieces or body.return_token_strs:
+        pieces = [model.engine.detokenize([t]) for t in tokens]
+        answer["token_strs"] = pieces
+        if body.with_pieces:
+            answer["tokens"] = [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]
+    return answer
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
+    model = _local_model(request, body.model)
+    vocabulary = getattr(getattr(model.engine, "runner", None), "num_vocab", None)
+    bad = [t for t in body.tokens if vocabulary is not None and not 0 <= t < vocabulary]
+    if bad:
+        raise InvalidRequestError(f"Token id {bad[0]} is not in this model's vocabulary of {vocabulary}.",
+                                  param="tokens")
+    text = model.engine.detokenize(body.tokens)
+    return {"prompt": text, "content": text}
