@@ -562,3 +562,11 @@ def test_sdks_that_retry_do_not_retry_a_refusal_that_cannot_succeed(billed):
     assert "more than this key's limit of 50 tokens per minute" in too_big.value.message and counting.num_sent == 1
     assert billed.usage("no-retry") == billed.usage("tight") == []
     assert billed.account("tight")["reserved_nanodollars"] == 0
+
+
+def test_the_model_listing_shows_the_price_requests_are_charged(billed):
+    key = billed.new_key("lister", 10**9)
+    client = openai.OpenAI(base_url=billed.url + "/v1", api_key=key, max_retries=0)
+    (card,) = [m for m in client.models.list() if m.id == billed.model]
+    assert card.model_extra["pricing"] == {"unit": "nanodollars_per_million_tokens", **PRICE}
+    assert client.models.retrieve(billed.model).model_extra["pricing"]["output"] == PRICE["output"]

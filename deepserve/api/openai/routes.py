@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,8 @@ from deepserve.api import sse
 from deepserve.api.auth import Principal, require_bearer
 from deepserve.api.openai import render
 from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionRequest
+from deepserve.billing.accounts import price_overrides, resolve_price
+from deepserve.billing.money import TokenPrices
 from deepserve.chat_options import apply_model_defaults, prepare_chat
 from deepserve.engine.types import TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
@@ -21,10 +24,11 @@ from deepserve.fim import fim_prompt_tokens, wants_fim
 from deepserve.serving import ChoiceResult, ServedModel, collect_stream, metered_generate, metered_generate_many
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
-def _model_card(model: ServedModel) -> dict[str, Any]:
-    return {
+def _model_card(model: ServedModel, overrides: dict[str, TokenPrices] | None) -> dict[str, Any]:
+    card = {
         "id": model.model_id,
         "object": "model",
         "created": model.created,
@@ -32,16 +36,39 @@ def _model_card(model: ServedModel) -> dict[str, Any]:
         "max_model_len": model.ctx_size,
         **model.card_facts(),  # catalog facts: context_window, pricing, aliases, defaults
     }
+    if overrides:  # the operator's price wins over the catalog's, as it does when a request is charged
+        entry = model.catalog
+        names = (model.model_id, *(entry.names if entry else ()))
+        listed = entry.prices if entry is not None else None
+        price, source = resolve_price(
+            overrides, names, TokenPrices(listed.input, listed.cached_input, listed.output) if listed else None)
+        if source == "operator":
+            card["pricing"] = {"unit": "nanodollars_per_million_tokens", "input": price.input,
+                               "cached_input": price.cached_input, "output": price.output}
+    return card
+
+
+async def _price_overrides(request: Request) -> dict[str, TokenPrices] | None:
+    billing = getattr(request.app.state, "billing", None)
+    if billing is None:
+        return None
+    try:
+        return await billing.db.run(price_overrides)
+    except Exception:  # the listing still answers (catalog prices) when the database does not
+        log.warning("could not read the operator's prices for /v1/models", exc_info=True)
+        return None
 
 
 @router.get("/v1/models")
 async def list_models(request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(m) for m in request.app.state.models]}
+    overrides = await _price_overrides(request)
+    return {"object": "list", "data": [_model_card(m, overrides) for m in request.app.state.models]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
-    return _model_card(request.app.state.models.get(model_id))
+    model = request.app.state.models.get(model_id)
+    return _model_card(model, await _price_overrides(request))
 
 
 def _raise_on_error(choices: list[ChoiceResult]) -> None:
