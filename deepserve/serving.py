@@ -223,7 +223,37 @@ def generate(
         for request_id in request_ids:
             engine.abort(request_id)
         raise
-    return _merge(streams)
+    return _Merged(streams)
+
+
+class _Merged:
+    """The n choices' streams as one of (choice index, delta). Closing it closes every choice's stream (aborting
+    what is unfinished) even when it was never read: a class, as StreamTap is, since an async generator closed
+    before its first read runs nothing, and its engine streams went on generating for nobody."""
+
+    __slots__ = ("_streams", "_merged")
+
+    def __init__(self, streams: list[AsyncIterator[TokenDelta]]):
+        self._streams = streams
+        self._merged: Any = None
+
+    def __aiter__(self) -> _Merged:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenDelta]:
+        if self._merged is None:
+            self._merged = _merge(self._streams)
+        return await self._merged.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            if self._merged is not None:
+                await self._merged.aclose()
+        finally:
+            for stream in self._streams:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
 
 async def _merge(streams: list[AsyncIterator[TokenDelta]]) -> AsyncIterator[tuple[int, TokenDelta]]:
@@ -321,12 +351,18 @@ async def metered_generate_many(
     """
     from deepserve.billing.meter import Charge, check_model_allowed
     from deepserve.billing.money import TokenPrices
-    from deepserve.errors import InsufficientBalanceError
+    from deepserve.errors import InsufficientBalanceError, InvalidRequestError
 
     principal = getattr(request.state, "principal", None)
     names = (model.model_id, *(name for name in (model.catalog.names if model.catalog else ()) if name != model.model_id))
     check_model_allowed(principal, model.model_id, names)
     check_fits = getattr(model.engine, "check_fits", None)
+    queue_limit = getattr(model.engine, "max_queue", None)
+    if queue_limit is not None and n * len(prompts) > max(queue_limit, 1):
+        # All of them are queued at once: more than the queue holds would get a 429 that no retry can cure.
+        raise InvalidRequestError(
+            f"This request asks for {n * len(prompts)} generations (n × prompts), more than this server queues at "
+            f"once ({queue_limit}, --max-queue).", param="n" if len(prompts) == 1 else "prompt")
     for tokens in prompts:  # bad input is refused before any money moves
         if check_fits is not None:
             check_fits(len(tokens), sampling.max_tokens)

@@ -186,6 +186,47 @@ def _integer_bounds(schema: dict[str, Any], where: str) -> tuple[int | None, int
     return low, high
 
 
+# What a schema may ask for, so that one request can neither crash the engine nor stall the others:
+# llama.cpp's grammar parser recurses once per repetition (maxItems 30,000 overflowed its stack: a segfault for
+# every request in flight; 2,000 is refused by its parser), and its grammar filter costs time per open
+# alternative at every token (a 20,000-value enum took ~7 s a token, for every sequence in the step). OpenAI's
+# structured outputs allow at most 1,000 enum values and 10 levels of nesting.
+MAX_REPETITIONS = 1000  # minItems, maxItems, minLength, maxLength
+MAX_ALTERNATIVES = 1000  # enum values and anyOf/oneOf branches, all together
+MAX_DEPTH = 64  # levels of nested JSON in the schema
+
+
+def _check_size(schema: Any, where: str) -> None:
+    """Depth and alternatives, counted without recursion (a schema nested 10,000 deep must get a 400, not a
+    RecursionError)."""
+    alternatives, stack = 0, [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SchemaConverterError(f"{where}: the schema is nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for key in ("enum", "anyOf", "oneOf"):
+                if isinstance(node.get(key), list):
+                    alternatives += len(node[key])
+            stack.extend((value, depth + 1) for key, value in node.items() if key not in ("enum", "const"))
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1) for value in node)
+    if alternatives > MAX_ALTERNATIVES:
+        raise SchemaConverterError(f"{where}: the schema has {alternatives} enum values and anyOf/oneOf branches; "
+                                   f"at most {MAX_ALTERNATIVES} can be enforced")
+
+
+def _check_repetitions(schema: dict[str, Any], where: str, low_key: str, high_key: str) -> None:
+    low, high = schema.get(low_key, 0), schema.get(high_key)
+    for key, value in ((low_key, low), (high_key, high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise SchemaConverterError(f"{where}: {key} must be a non-negative integer")
+        if value is not None and value > MAX_REPETITIONS:
+            raise SchemaConverterError(f"{where}: {key} {value} is more than the {MAX_REPETITIONS} that can be enforced")
+    if high is not None and high < low:
+        raise SchemaConverterError(f"{where}: {low_key} {low} is more than {high_key} {high}")
+
+
 def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
     if isinstance(schema, bool):
         if schema is False:
@@ -280,6 +321,7 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
             extra = keys - {"type", "items", "minItems", "maxItems"}
             if extra:
                 raise SchemaConverterError(f"{where}: '{sorted(extra)[0]}' on an array is not supported")
+            _check_repetitions(schema, where, "minItems", "maxItems")
             _check(items, f"{where}/items", defs)
         return
     if keys & {"minItems", "maxItems"}:
@@ -302,6 +344,14 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
                                            "is not supported")
             if not isinstance(pattern, str) or not (pattern.startswith("^") and pattern.endswith("$")):
                 raise SchemaConverterError(f"{where}: a 'pattern' must be anchored (start with ^ and end with $)")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise SchemaConverterError(f"{where}: the pattern is not a valid regular expression: {error}") from None
+            counts = [int(n) for m in re.finditer(r"\{(\d*)(?:,(\d*))?\}", pattern) for n in m.groups() if n]
+            if any(count > MAX_REPETITIONS for count in counts):
+                raise SchemaConverterError(f"{where}: the pattern repeats more than the {MAX_REPETITIONS} times "
+                                           "that can be enforced")
         elif "format" in schema:
             if schema["format"] not in FORMATS:
                 raise SchemaConverterError(f"{where}: the string format '{schema['format']}' is not supported")
@@ -309,9 +359,7 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
                 raise SchemaConverterError(f"{where}: 'format' together with '{sorted(string_keys - {'format'})[0]}' "
                                            "is not supported")
         else:
-            low, high = schema.get("minLength", 0), schema.get("maxLength")
-            if not isinstance(low, int) or low < 0 or (high is not None and (not isinstance(high, int) or high < low)):
-                raise SchemaConverterError(f"{where}: invalid minLength / maxLength")
+            _check_repetitions(schema, where, "minLength", "maxLength")
 
 
 def _lookup(defs: dict[str, Any], ref: str) -> Any:
@@ -393,6 +441,7 @@ class CheckedConverter(SchemaConverter):
     def visit_checked(self, schema: Any, name: str, *, where: str) -> str:
         """Check `schema` and add its rules; return the name of its top rule ("" names it `root`)."""
         where += "#"  # then a JSON pointer to the part of the schema: "...schema#/properties/age"
+        _check_size(schema, where)
         _check(schema, where, schema if isinstance(schema, dict) else {})
         self._num_schemas += 1
         prepared = _true_to_empty(_strip_annotations(copy.deepcopy(schema)))

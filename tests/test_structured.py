@@ -4,6 +4,7 @@ with bounds are checked string by string with llama.cpp's own grammar engine."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 
 import numpy as np
@@ -84,6 +85,16 @@ def test_supported_schemas_convert():
     ({"type": "strin"}, "unknown type"),
     ({"type": "string", "pattern": "^a$", "maxLength": 2}, "'pattern' together with 'maxLength'"),
     (False, "accepts nothing"),
+    # bounds one request could crash (llama.cpp's grammar parser recursing per repetition) or stall the engine with
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 30000}, "maxItems 30000 is more than the 1000"),
+    ({"type": "string", "maxLength": 100000}, "maxLength 100000 is more than the 1000"),
+    ({"type": "array", "items": {}, "minItems": 5, "maxItems": 2}, "minItems 5 is more than maxItems 2"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength 3 is more than maxLength 2"),
+    ({"type": "string", "pattern": "^(a$"}, "not a valid regular expression"),
+    ({"type": "string", "pattern": "^a{100000}$"}, "repeats more than the 1000"),
+    ({"enum": list(range(1001))}, "1001 enum values"),
+    ({"anyOf": [{"const": i} for i in range(600)] + [{"enum": list(range(500))}]}, "1101 enum values"),
+    (functools.reduce(lambda inner, _: {"type": "array", "items": inner}, range(500), {}), "nested more than 64 levels"),
 ])
 def test_unsupported_features_are_refused_by_name(schema, named):
     with pytest.raises(InvalidRequestError) as info:

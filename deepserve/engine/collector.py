@@ -25,6 +25,9 @@ class RequestCollector:
         """Called on the event loop's thread."""
         self._queue.put_nowait(delta)
 
+    async def next(self) -> TokenDelta:
+        return await self._queue.get()
+
     async def __aiter__(self) -> AsyncIterator[TokenDelta]:
         while True:
             delta = await self._queue.get()

@@ -157,7 +157,11 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
     prefixes = [texts[i // body.n] if body.echo else "" for i in range(len(prompts) * body.n)]
     if body.stream:
         return sse.sse_response(_completion_events(response_id, body, streams, prefixes))
-    groups = [await collect_stream(s, body.n) for s in streams]
+    try:
+        groups = [await collect_stream(s, body.n) for s in streams]
+    finally:  # a client gone while an earlier prompt was collected: the later prompts' requests are aborted too
+        for stream in streams:
+            await stream.aclose()
     flat = [c for group in groups for c in group]
     _raise_on_error(flat)
     return JSONResponse(

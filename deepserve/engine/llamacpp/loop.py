@@ -62,6 +62,41 @@ class EngineCounters:
     num_decode_errors: int = 0
 
 
+class _RequestStream:
+    """One request's deltas. Closing it before its last delta (a client gone, a cancelled handler) aborts the
+    request in the engine, even if nobody ever read from it: a class, not an async generator, whose close
+    before the first read would run nothing (a multi-prompt completion's later prompts kept generating)."""
+
+    __slots__ = ("_engine", "_request_id", "_collector", "_finished", "_closed")
+
+    def __init__(self, engine: LlamaCppEngine, request_id: str, collector: RequestCollector):
+        self._engine = engine
+        self._request_id = request_id
+        self._collector = collector
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> _RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            delta = await self._collector.next()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            await self.aclose()
+            raise
+        self._finished = delta.finish_reason is not None
+        return delta
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if not self._finished:
+                self._engine.abort(self._request_id)
+
+
 class LlamaCppEngine:
     def __init__(
         self,
@@ -177,17 +212,7 @@ class LlamaCppEngine:
             request.started = False
             self._inbox.append(("submit", (request, collector)))
         self._wake.set()
-        return self._stream(request.request_id, collector)
-
-    async def _stream(self, request_id: str, collector: RequestCollector) -> AsyncIterator[TokenDelta]:
-        finished = False
-        try:
-            async for delta in collector:
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished:  # the consumer went away (client disconnect, cancellation)
-                self.abort(request_id)
+        return _RequestStream(self, request.request_id, collector)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -63,6 +63,14 @@ def sampler_seed(seed: int) -> int:
     return z if z != _LLAMA_DEFAULT_SEED else 0
 
 
+GRAMMAR_SHORTLIST = 1024  # candidates a grammar is tried on before the whole vocabulary (runner._pick)
+
+
+def _address(pointer: object) -> int | None:
+    """A llama.cpp object's address: a hashable key for it (ctypes pointers are not)."""
+    return ctypes.cast(pointer, ctypes.c_void_p).value
+
+
 @dataclass(slots=True)
 class BatchEntry:
     """Tokens of one sequence to put into the next decode, starting at KV position `start_pos`."""
@@ -197,6 +205,7 @@ class LlamaRunner:
         self._piece_cache: dict[int, bytes] = {}
         self._special_piece_cache: dict[int, bytes] = {}
         self._candidates: np.ndarray | None = None  # llama_token_data[n_vocab], for grammar-constrained sampling
+        self._biased: dict[int, np.ndarray] = {}  # sampler -> its logit_bias token ids (always in the shortlist)
         self._closed = False
 
     # ---- model facts -------------------------------------------------------------------------
@@ -248,7 +257,10 @@ class LlamaRunner:
 
     # ---- text <-> tokens ---------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON): U+FFFD, as a UTF-8 decoder would
+            data = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama.llama_token * capacity)()
         n = llama.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
@@ -352,6 +364,7 @@ class LlamaRunner:
                 *(llama.llama_logit_bias(token=t, bias=b) for t, b in params.logit_bias.items())
             )
             add(llama.llama_sampler_init_logit_bias(self.num_vocab, len(biases), biases))
+            self._biased[_address(chain)] = np.fromiter(params.logit_bias, dtype=np.int32)
         if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             add(
                 llama.llama_sampler_init_penalties(
@@ -399,7 +412,18 @@ class LlamaRunner:
         return token
 
     def _pick(self, sampler: int, row: int, grammar: int | None) -> int:
-        """Apply the grammar (if any), then the chain, to a logits row; the chosen token, not yet recorded."""
+        """Apply the grammar (if any), then the chain, to a logits row; the chosen token, not yet recorded.
+
+        With a grammar, the shortlist of the GRAMMAR_SHORTLIST highest logits (and any logit_bias token) goes
+        through it first, and the whole vocabulary only if the grammar allows none of them. Why: llama.cpp's
+        grammar filter tests each candidate's text against every open alternative; over 49,152 tokens that is
+        ~20 ms a token for a 10-value enum and ~1.2 s for 1,000 values (measured on the bundled model), paid by
+        every sequence in the step. Greedy picks the same token either way; sampling loses only tokens outside
+        the shortlist, which carry next to no probability."""
+        if grammar is not None:
+            token = self._pick_from_shortlist(sampler, row, grammar)
+            if token is not None:
+                return token
         candidates = self._candidates
         if candidates is None:
             candidates = self._candidates = np.zeros(self.num_vocab, dtype=_TOKEN_DATA)
@@ -419,6 +443,28 @@ class LlamaRunner:
             raise DecodeError("the grammar allows no token here")
         return int(chosen.id)
 
+    def _pick_from_shortlist(self, sampler: int, row: int, grammar: int) -> int | None:
+        if self.num_vocab <= 2 * GRAMMAR_SHORTLIST:
+            return None  # a small vocabulary: the whole of it is about as cheap
+        logits = self.logits(row)
+        ids = np.argpartition(logits, -GRAMMAR_SHORTLIST)[-GRAMMAR_SHORTLIST:].astype(np.int32)
+        biased = self._biased.get(_address(sampler))
+        if biased is not None:
+            ids = np.union1d(ids, biased).astype(np.int32)
+        short = np.zeros(len(ids), dtype=_TOKEN_DATA)
+        short["id"] = ids
+        short["logit"] = logits[ids]
+        array = llama.llama_token_data_array(data=short.ctypes.data_as(llama.llama_token_data_p), size=len(short),
+                                             selected=-1, sorted=False)
+        llama.llama_sampler_apply(grammar, ctypes.byref(array))
+        if not np.isfinite(short["logit"][: array.size]).any():
+            return None  # the grammar wants a token the model ranks lower: the whole vocabulary then
+        llama.llama_sampler_apply(sampler, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        chosen = array.data[array.selected]
+        return int(chosen.id) if math.isfinite(chosen.logit) else None
+
     @staticmethod
     def accept(sampler: int, token: int) -> None:
         """Record a token the engine chose itself (a forced `</think>`), as if the sampler had picked it."""
@@ -431,8 +477,8 @@ class LlamaRunner:
             raise ValueError("llama.cpp could not parse the grammar")
         return sampler
 
-    @staticmethod
-    def free_sampler(sampler: int) -> None:
+    def free_sampler(self, sampler: int) -> None:
+        self._biased.pop(_address(sampler), None)
         llama.llama_sampler_free(sampler)
 
     def logprobs(self, row: int, token: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:

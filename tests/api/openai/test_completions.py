@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -125,3 +126,30 @@ def test_echo_of_a_token_id_prompt_is_its_text(client: openai.OpenAI, server):
         tokenizer.close()
     r = client.completions.create(model=server.model, prompt=ids, max_tokens=2, echo=True, temperature=0)
     assert r.choices[0].text.startswith("One, two,") and len(r.choices[0].text) > len("One, two,")
+
+
+def wait_idle(http) -> dict:
+    """The engine's counters once nothing runs or waits (bounded polling of /health, no sleeps)."""
+    for _ in range(2000):
+        stats = http.get("/health").json()["engines"][0]
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            return stats
+    return stats
+
+
+def test_a_client_gone_aborts_every_prompt_of_a_multi_prompt_completion(http, server):
+    """Every prompt's request is aborted, not only the one being read when the client left (the later ones
+    once went on to max_tokens for nobody)."""
+    body = {"model": server.model, "prompt": ["Hello", "World", "Again"], "max_tokens": 1000, "ignore_eos": True}
+    before = wait_idle(http)
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # the first token of the first prompt: hang up
+    after_stream = wait_idle(http)
+    assert after_stream["num_generated_tokens"] - before["num_generated_tokens"] < 3 * 200
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=2.0))
+    after_timeout = wait_idle(http)
+    assert after_timeout["num_running"] == 0
+    assert after_timeout["num_generated_tokens"] - after_stream["num_generated_tokens"] < 3 * 200

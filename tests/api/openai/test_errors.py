@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import engine_stats
+from tests.server import start_server
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -153,3 +154,27 @@ def test_a_bad_key_is_401_even_when_the_body_is_not_json_either(server, path, bo
     """The providers look at the key first; FastAPI parses the body before the route's key check runs."""
     r = httpx.post(server.root_url + path, content=body, headers={**headers, "Content-Type": "application/json"})
     assert r.status_code == 401, r.text
+
+
+def test_a_lone_surrogate_in_a_message_is_a_replacement_character_not_a_500(http, server):
+    body = '{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "a\\ud800b"}]}' % server.model
+    r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    same = http.post("/v1/chat/completions", json={"model": server.model, "max_tokens": 1,
+                                                   "messages": [{"role": "user", "content": "a\ufffdb"}]})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == same.json()["usage"]["prompt_tokens"]
+
+
+def test_more_choices_than_the_queue_holds_is_a_400_not_a_retry_forever():
+    running = start_server("--parallel", "2", "--max-queue", "4", "--ctx-size", "256")
+    try:
+        with httpx.Client(base_url=running.root_url, headers={"Authorization": f"Bearer {running.api_key}"},
+                          timeout=60) as http:
+            body = {"model": running.model, "messages": MESSAGES, "max_tokens": 2}
+            r = http.post("/v1/chat/completions", json={**body, "n": 5})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--max-queue" in r.text
+            many = http.post("/v1/completions", json={"model": running.model, "prompt": ["a"] * 5, "max_tokens": 1})
+            assert many.status_code == 400 and many.json()["error"]["param"] == "prompt"
+            assert http.post("/v1/chat/completions", json={**body, "n": 4}).status_code == 200
+            assert engine_stats(http)["num_waiting"] == 0
+    finally:
+        running.stop()

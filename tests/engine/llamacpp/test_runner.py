@@ -159,3 +159,34 @@ def test_entries_in_any_order_get_their_own_logits_rows(runner):
     assert int(np.argmax(runner.logits(rows[2]))) == int(np.argmax(alone[0]))
     np.testing.assert_allclose(runner.logits(rows[0]), alone[1], atol=1e-2)
     np.testing.assert_allclose(runner.logits(rows[2]), alone[0], atol=1e-2)
+
+
+def constrained(runner: LlamaRunner, prompt: list[int], gbnf: str, num_tokens: int, params: SamplingParams) -> list[int]:
+    grammar = runner.new_grammar(gbnf, "root")
+    sampler = runner.new_sampler(params, seed=5)
+    runner.keep_prefix(0, 0)
+    row, out = runner.decode([BatchEntry(0, prompt, 0, True)])[0], []
+    for step in range(num_tokens):
+        out.append(runner.sample(sampler, row, grammar))
+        row = runner.decode([BatchEntry(0, [out[-1]], len(prompt) + step, True)])[0]
+    runner.free_sampler(sampler)
+    runner.free_sampler(grammar)
+    return out
+
+
+def test_grammar_sampling_through_the_shortlist_picks_what_the_whole_vocabulary_would(runner, monkeypatch):
+    from deepserve.engine.llamacpp import runner as runner_module
+    from deepserve.structured import schema_grammar
+    prompt = runner.tokenize("My favourite colour is", add_special=False, parse_special=False)
+    gbnf = schema_grammar({"enum": [f"colour number {i}" for i in range(60)] + ["blue", "green"]}).gbnf
+    greedy_params = SamplingParams(temperature=0.0)
+    shortlisted = constrained(runner, prompt, gbnf, 6, greedy_params)
+    monkeypatch.setattr(runner_module, "GRAMMAR_SHORTLIST", runner.num_vocab)  # the whole vocabulary every time
+    assert constrained(runner, prompt, gbnf, 6, greedy_params) == shortlisted
+    monkeypatch.undo()
+    # a logit_bias token is always a candidate, however low the model ranks it
+    rare = runner.tokenize(" zebra", add_special=False, parse_special=False)[0]
+    forced = SamplingParams(temperature=0.0, logit_bias={rare: 100.0})
+    free = schema_grammar({"type": "string"}).gbnf
+    out = constrained(runner, prompt, free, 3, forced)
+    assert rare in out
