@@ -15,7 +15,7 @@ def _engines_ready(request: Request) -> bool:
     return models is not None and all(m.engine.is_ready for m in models)
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime checkers
 async def health(request: Request) -> JSONResponse:
     ready = _engines_ready(request)
     body: dict[str, Any] = {"status": "ok" if ready else "loading"}
@@ -24,12 +24,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/health/live")
+@router.api_route("/v1/health/live", methods=["GET", "HEAD"])  # HEAD: uptime checkers
 async def live() -> dict[str, str]:
     return {"object": "health.response", "message": "Service is live."}
 
 
-@router.get("/v1/health/ready")
+@router.api_route("/v1/health/ready", methods=["GET", "HEAD"])  # HEAD: uptime checkers
 async def ready(request: Request) -> JSONResponse:
     if _engines_ready(request):
         return JSONResponse({"object": "health.response", "message": "Service is ready."})

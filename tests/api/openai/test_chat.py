@@ -204,6 +204,9 @@ def test_health_endpoints(http):
     ready = http.get("/v1/health/ready")
     assert ready.status_code == 200 and ready.json()["object"] == "health.response"
     assert engine_stats(http)["num_decode_errors"] == 0
+    for path in ("/health", "/v1/health/live", "/v1/health/ready"):  # uptime checkers send HEAD
+        head = http.head(path)
+        assert head.status_code == 200 and head.content == b""
 
 
 @pytest.fixture(scope="module")
