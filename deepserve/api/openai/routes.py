@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -172,6 +173,45 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
     )
 
 
+async def _interleave(
+    streams: list[AsyncIterator[tuple[int, TokenDelta]]],
+) -> AsyncIterator[tuple[int, int, TokenDelta]]:
+    """(prompt index, choice index, delta) from every prompt's stream as they come: the engine computes the
+    prompts together, and OpenAI streams their choices interleaved (reading them one prompt after the other held
+    each later prompt's tokens until the earlier ones had finished)."""
+    if len(streams) == 1:
+        async for index, delta in streams[0]:
+            yield 0, index, delta
+        return
+    queue: asyncio.Queue[tuple[int, int, TokenDelta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(prompt_index: int, stream: AsyncIterator[tuple[int, TokenDelta]]) -> None:
+        failure: BaseException | None = None
+        try:
+            async for index, delta in stream:
+                queue.put_nowait((prompt_index, index, delta))
+        except Exception as error:  # handed to the reader, which raises it
+            failure = error
+        finally:
+            queue.put_nowait((prompt_index, -1, failure))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            prompt_index, index, item = await queue.get()
+            if index < 0:
+                remaining -= 1
+                if item is not None:
+                    raise item
+                continue
+            yield prompt_index, index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _completion_events(
     response_id: str, body: CompletionRequest, streams: list[AsyncIterator[tuple[int, TokenDelta]]], prefixes: list[str]
 ) -> AsyncIterator[bytes]:
@@ -181,33 +221,33 @@ async def _completion_events(
     echoed: set[int] = set()
     offsets = [0] * len(prefixes)  # each choice's text so far: where its next token starts (text_offset)
     try:
-        for prompt_index, stream in enumerate(streams):
-            async with contextlib.aclosing(stream):
-                async for index, delta in stream:
-                    groups[prompt_index][index].add(delta)
-                    choice_index = prompt_index * body.n + index
-                    if delta.error is not None:
-                        yield sse.event(render.error_body(f"The engine failed while generating: {delta.error}", "server_error"))
-                        continue
-                    text = delta.text
-                    prompt_logprobs = None
-                    if prefixes[choice_index] and choice_index not in echoed:
-                        echoed.add(choice_index)
-                        text = prefixes[choice_index] + text  # echo: the prompt leads the first chunk
-                        offsets[choice_index] += len(prefixes[choice_index])
-                        prompt_logprobs = delta.prompt_logprobs  # and its tokens' logprobs lead the first logprobs
-                    logprobs = None
-                    if body.logprobs is not None and (delta.logprobs or prompt_logprobs):
-                        logprobs = render.completion_logprobs(delta.logprobs, offsets[choice_index], prompt_logprobs)
-                    offsets[choice_index] += len(delta.text)
-                    finish = render.finish_reason(delta.finish_reason)
-                    if text or logprobs or finish:
-                        yield sse.event(
-                            render.completion_chunk(
-                                response_id, created, body.model, choice_index, text, finish=finish,
-                                stop_reason=delta.stop_reason, logprobs=logprobs, include_usage=include_usage,
-                            )
+        async with contextlib.aclosing(_interleave(streams)) as merged:
+            async for prompt_index, index, delta in merged:
+                groups[prompt_index][index].add(delta)
+                choice_index = prompt_index * body.n + index
+                if delta.error is not None:
+                    message = f"The engine failed while generating: {delta.error}"
+                    yield sse.event(render.error_body(message, "server_error"))
+                    continue
+                text = delta.text
+                prompt_logprobs = None
+                if prefixes[choice_index] and choice_index not in echoed:
+                    echoed.add(choice_index)
+                    text = prefixes[choice_index] + text  # echo: the prompt leads the first chunk
+                    offsets[choice_index] += len(prefixes[choice_index])
+                    prompt_logprobs = delta.prompt_logprobs  # and its tokens' logprobs lead the first logprobs
+                logprobs = None
+                if body.logprobs is not None and (delta.logprobs or prompt_logprobs):
+                    logprobs = render.completion_logprobs(delta.logprobs, offsets[choice_index], prompt_logprobs)
+                offsets[choice_index] += len(delta.text)
+                finish = render.finish_reason(delta.finish_reason)
+                if text or logprobs or finish:
+                    yield sse.event(
+                        render.completion_chunk(
+                            response_id, created, body.model, choice_index, text, finish=finish,
+                            stop_reason=delta.stop_reason, logprobs=logprobs, include_usage=include_usage,
                         )
+                    )
     finally:
         for stream in streams:
             await stream.aclose()

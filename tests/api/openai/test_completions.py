@@ -153,3 +153,16 @@ def test_a_client_gone_aborts_every_prompt_of_a_multi_prompt_completion(http, se
     after_timeout = wait_idle(http)
     assert after_timeout["num_running"] == 0
     assert after_timeout["num_generated_tokens"] - after_stream["num_generated_tokens"] < 3 * 200
+
+
+def test_several_prompts_stream_interleaved_as_they_are_computed(client: openai.OpenAI, server):
+    args = dict(model=server.model, prompt=["One, two,", "Red, green,"], max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True})
+    order = [c.choices[0].index for c in client.completions.create(**args, stream=True) if c.choices]
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # choice 1 starts before choice 0 ends
+    full = client.completions.create(**args)
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert [texts[0], texts[1]] == [c.text for c in full.choices]
