@@ -158,17 +158,26 @@ def reserve(
 
 
 def settle(engine: Engine, reservation: Reservation, usage: Usage, *, endpoint: str) -> int:
-    """Charge what the request used (never more than was reserved), give back the rest, write the usage
-    record and its ledger row: one transaction. Returns the account's available balance afterwards."""
-    charge = min(
-        cost(reservation.prices, num_prompt=usage.num_prompt, num_cached=usage.num_cached,
-             num_completion=usage.num_completion),
-        reservation.amount,
-    )
+    """Charge what the request used, give back the rest of its reservation, write the usage record and its
+    ledger row: one transaction. Returns the account's available balance afterwards.
+
+    The reservation is the worst case for a local engine (its prompt is counted before it runs), but for an
+    upstream it rests on a bound of the prompt (the upstream's template is not seen here): a prompt beyond it is
+    charged from what the account has free besides, never below zero, and what even that cannot cover is logged.
+    Completion tokens are charged up to the max_tokens reserved for, never beyond (what the client asked for)."""
+    full = cost(reservation.prices, num_prompt=usage.num_prompt, num_cached=usage.num_cached,
+                num_completion=min(usage.num_completion, reservation.max_completion_tokens))
+    charge = full
     now = utcnow()
     with engine.begin() as conn:
         held = conn.execute(sa.delete(reservations).where(reservations.c.id == reservation.id)).rowcount == 1
         if held:
+            if charge > reservation.amount:
+                free = conn.execute(  # locked: no reservation can take it meanwhile
+                    sa.select(accounts.c.balance - accounts.c.reserved)
+                    .where(accounts.c.id == reservation.account_id).with_for_update()
+                ).scalar_one()
+                charge = min(charge, reservation.amount + max(0, free))
             row = conn.execute(
                 sa.update(accounts).where(accounts.c.id == reservation.account_id)
                 .values(balance=accounts.c.balance - charge, reserved=accounts.c.reserved - reservation.amount)
@@ -187,6 +196,9 @@ def settle(engine: Engine, reservation: Reservation, usage: Usage, *, endpoint: 
                 .values(balance=accounts.c.balance - charge)
                 .returning(accounts.c.balance, accounts.c.reserved)
             ).one()
+        if charge < full:
+            log.warning("request %s used %d nano-dollars, more than the account could pay: %d charged",
+                        reservation.id, full, charge)
         usage_id = conn.execute(sa.insert(usage_records).values(
             request_id=reservation.id, account_id=reservation.account_id, key_id=reservation.key_id,
             model_id=reservation.model_id, endpoint=endpoint[:300], status=usage.status,

@@ -95,12 +95,26 @@ def test_reserve_then_settle_charges_the_usage_and_writes_one_record_and_one_led
     assert tuple(charge) == (-expected, "charge", record.id)
 
 
-def test_a_settle_never_charges_more_than_was_reserved(engine):
+def test_a_settle_never_charges_more_completion_than_was_reserved(engine):
     account_id = accounts.ensure_account(engine, "carol")
     accounts.grant(engine, account_id, 10_000_000)
     r = reserve(engine, account_id, num_prompt=10, max_completion=10)
     reservations.settle(engine, r, Usage(num_prompt=10, num_completion=10_000), endpoint="/x")
     assert assert_invariants(engine, account_id).balance == 10_000_000 - r.amount
+
+
+def test_a_prompt_beyond_its_bound_is_charged_from_the_free_balance_never_below_zero(engine):
+    """An upstream's template made the prompt longer than the bound reserved for: the real count is charged
+    while the account can pay it; past that, all it has, and never a negative balance."""
+    account_id = accounts.ensure_account(engine, "dave")
+    accounts.grant(engine, account_id, 2_000_000)
+    r = reserve(engine, account_id, num_prompt=100, max_completion=10)  # 120,000 reserved
+    reservations.settle(engine, r, Usage(num_prompt=1_100, num_completion=2), endpoint="/x")
+    assert assert_invariants(engine, account_id).balance == 2_000_000 - (1_100 * 1000 + 2 * 2000)
+    r = reserve(engine, account_id, num_prompt=100, max_completion=10)
+    reservations.settle(engine, r, Usage(num_prompt=5_000, num_completion=2), endpoint="/x")
+    info = assert_invariants(engine, account_id)
+    assert (info.balance, info.reserved) == (0, 0)
 
 
 def test_an_insufficient_balance_is_refused_and_changes_nothing(engine):

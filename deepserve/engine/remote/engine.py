@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -86,6 +87,10 @@ class RemoteEngine:
         self._health_task: asyncio.Task | None = None
         self._closed = False
         self.num_failovers = 0  # tries that failed before any output (the request moved on, or found none left)
+        # Tokens the upstream's template adds to a chat beyond the per-message allowance, learned from what it
+        # reports: a template with a long preamble (tool instructions, a default system prompt) made the
+        # reservation, and so the charge, fall short of the real prompt.
+        self.prompt_allowance = PER_PROMPT_TOKENS
         self.num_broken_streams = 0  # streams that failed after output had left
 
     # ---- life cycle ---------------------------------------------------------------------------------
@@ -170,11 +175,19 @@ class RemoteEngine:
     def chat_prompt(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
                     tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> TextPrompt:
         # An upper bound of its tokens: each token of a byte-level BPE vocabulary is at least one byte.
-        size = sum(len(_text_of(m).encode()) + PER_MESSAGE_TOKENS for m in messages) + PER_PROMPT_TOKENS
+        size = sum(len(_text_of(m).encode()) + PER_MESSAGE_TOKENS for m in messages) + self.prompt_allowance
         if tools:
             size += len(str(tools).encode())
         return TextPrompt(messages=messages, tools=tools, tool_choice=tool_choice,
                           parallel_tool_calls=parallel_tool_calls, num_tokens_bound=size)
+
+    def _learn_prompt_size(self, prompt: Any, num_reported: int) -> None:
+        """A chat prompt the upstream counted beyond its bound: later chats' bounds carry the difference."""
+        if isinstance(prompt, TextPrompt) and prompt.messages is not None and num_reported > len(prompt):
+            self.prompt_allowance += num_reported - len(prompt)
+            log.warning("%s: the upstream counted %d prompt tokens, %d more than the bound reserved for; later "
+                        "chat prompts reserve %d tokens for its template", self.model_id, num_reported,
+                        num_reported - len(prompt), self.prompt_allowance)
 
     def text_prompt(self, text: str) -> TextPrompt:
         return TextPrompt(text=text, num_tokens_bound=len(text.encode()) + 2)  # + BOS (and a leading space)
@@ -225,6 +238,7 @@ class RemoteEngine:
                     if payload == "[DONE]":
                         completed = True  # the reader finishes the body itself, so its connection is reused
                         final = translator.done()
+                        self._learn_prompt_size(prompt, final.num_prompt_tokens)
                         self.router.succeeded(state)
                         self._export_health(state)
                         yield final
@@ -266,7 +280,10 @@ class RemoteEngine:
             return
         if tried and all_busy:
             raise QueueFullError(message)
-        raise ServiceUnavailableError(message)
+        unavailable = ServiceUnavailableError(message)
+        # When to try again: the next health probe may find an upstream back (clients and SDKs honour it).
+        unavailable.headers["Retry-After"] = str(max(1, math.ceil(self.spec.health_interval_s or 1)))
+        raise unavailable
 
     async def _read(self, upstream: UpstreamSpec, path: str, data: bytes,
                     events: asyncio.Queue[tuple[str, Any]]) -> None:

@@ -223,6 +223,8 @@ def chat_logprobs(body: Any) -> list[TokenLogprob]:
 def completion_logprobs(body: Any) -> list[TokenLogprob]:
     if not isinstance(body, dict):
         return []
+    if "content" in body and "tokens" not in body:  # llama-server answers /v1/completions in the chat shape
+        return chat_logprobs(body)
     tokens = body.get("tokens") or []
     values = body.get("token_logprobs") or []
     tops = body.get("top_logprobs") or []

@@ -229,6 +229,7 @@ def test_no_upstream_left_raises_before_anything_is_streamed():
             message = caught.value.message
             assert "2 tried of 2" in message and KEY not in message and "127.0.0.1" not in message
             assert "upstream #1: connection refused" in message and "upstream #2: timed out" in message
+            assert caught.value.headers["Retry-After"] == "1"  # health_interval_s 0 here: probe-less, retry soon
             await until(lambda: s.upstreams["b"].hangups == 1)  # the timed-out try closed its connection
 
     asyncio.run(scenario())
@@ -375,3 +376,21 @@ def test_upstream_health_is_exported_as_a_prometheus_gauge():
         return REGISTRY.get_sample_value("deepserve_upstream_up", {"model": "remote-gauge", "upstream": urls[name]})
 
     assert (up("a"), up("b")) == (0.0, 1.0)  # a: ejected after its one failure; b: answered
+
+
+def test_a_template_longer_than_the_bound_raises_the_next_chats_bound():
+    """The upstream counted more prompt tokens than the chat's bound (its template adds a long preamble): the
+    reservation, which rests on the bound, would have fallen short; later chats carry the difference."""
+    long_template = sse(content("ok"), {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                        {"choices": [], "usage": {"prompt_tokens": 1105, "completion_tokens": 1}}, "[DONE]")
+
+    async def scenario() -> None:
+        async with scripted({"a": long_template}) as s:
+            first = chat(s.engine)
+            assert len(first.prompt_tokens) < 1105
+            deltas = await drain(s.engine, first)
+            assert deltas[-1].finish_reason == FinishReason.STOP and deltas[-1].num_prompt_tokens == 1105
+            assert len(chat(s.engine).prompt_tokens) >= 1105  # the same chat now bounds what it really costs
+            assert len(s.engine.text_prompt("hi")) < 10  # raw completions have no template: unchanged
+
+    asyncio.run(scenario())

@@ -142,6 +142,18 @@ def test_completions_text_and_logprobs():
         " upon", -0.5, [(" upon", b" upon", -0.5)])
 
 
+def test_completions_logprobs_in_llama_servers_chat_shape():
+    """llama-server answers /v1/completions logprobs as chat's {"content": [...]}; they were lost (empty)."""
+    request = GenerateRequest(TextPrompt(text="Once", num_tokens_bound=6), SamplingParams(logprobs=True, top_logprobs=1))
+    logprobs = {"content": [{"id": 5, "token": " upon", "bytes": [32, 117, 112, 111, 110], "logprob": -0.5,
+                             "top_logprobs": [{"id": 5, "token": " upon", "bytes": [32, 117, 112, 111, 110],
+                                               "logprob": -0.5}]}]}
+    delta = StreamTranslator(request).feed(json.dumps({"choices": [{"index": 0, "text": " upon", "logprobs": logprobs,
+                                                                    "finish_reason": None}]}))
+    assert (delta.logprobs[0].token, delta.logprobs[0].logprob, delta.logprobs[0].top) == (
+        " upon", -0.5, [(" upon", b" upon", -0.5)])
+
+
 def test_request_bodies_forward_sampling_tools_and_response_format():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     request = GenerateRequest(
