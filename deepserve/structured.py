@@ -191,7 +191,7 @@ def _integer_bounds(schema: dict[str, Any], where: str) -> tuple[int | None, int
 # every request in flight; 2,000 is refused by its parser), and its grammar filter costs time per open
 # alternative at every token (a 20,000-value enum took ~7 s a token, for every sequence in the step). OpenAI's
 # structured outputs allow at most 1,000 enum values and 10 levels of nesting.
-MAX_REPETITIONS = 1000  # minItems, maxItems, minLength, maxLength
+MAX_REPETITIONS = 1000  # minItems and minLength at most; a larger maxItems / maxLength is left unenforced
 MAX_ALTERNATIVES = 1000  # enum values and anyOf/oneOf branches, all together
 MAX_DEPTH = 64  # levels of nested JSON in the schema
 
@@ -221,8 +221,8 @@ def _check_repetitions(schema: dict[str, Any], where: str, low_key: str, high_ke
     for key, value in ((low_key, low), (high_key, high)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise SchemaConverterError(f"{where}: {key} must be a non-negative integer")
-        if value is not None and value > MAX_REPETITIONS:
-            raise SchemaConverterError(f"{where}: {key} {value} is more than the {MAX_REPETITIONS} that can be enforced")
+    if low > MAX_REPETITIONS:
+        raise SchemaConverterError(f"{where}: {low_key} {low} is more than the {MAX_REPETITIONS} that can be enforced")
     if high is not None and high < low:
         raise SchemaConverterError(f"{where}: {low_key} {low} is more than {high_key} {high}")
 
@@ -362,6 +362,18 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
             _check_repetitions(schema, where, "minLength", "maxLength")
 
 
+def _drop_large_maxima(schema: Any) -> Any:
+    """maxItems / maxLength above MAX_REPETITIONS left out of the grammar (a common `max_length=4096` would
+    otherwise be refused): such a bound is not enforced, max_tokens bounds the answer anyway."""
+    if isinstance(schema, list):
+        return [_drop_large_maxima(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: _drop_large_maxima(value) if key not in ("enum", "const") else value
+            for key, value in schema.items()
+            if not (key in ("maxItems", "maxLength") and isinstance(value, int) and value > MAX_REPETITIONS)}
+
+
 def _lookup(defs: dict[str, Any], ref: str) -> Any:
     target: Any = defs
     for part in ref[2:].split("/"):
@@ -444,7 +456,7 @@ class CheckedConverter(SchemaConverter):
         _check_size(schema, where)
         _check(schema, where, schema if isinstance(schema, dict) else {})
         self._num_schemas += 1
-        prepared = _true_to_empty(_strip_annotations(copy.deepcopy(schema)))
+        prepared = _drop_large_maxima(_true_to_empty(_strip_annotations(copy.deepcopy(schema))))
         if name:
             prepared = _prefix_refs(prepared, f"{name}-")
         try:

@@ -86,8 +86,8 @@ def test_supported_schemas_convert():
     ({"type": "string", "pattern": "^a$", "maxLength": 2}, "'pattern' together with 'maxLength'"),
     (False, "accepts nothing"),
     # bounds one request could crash (llama.cpp's grammar parser recursing per repetition) or stall the engine with
-    ({"type": "array", "items": {"type": "integer"}, "maxItems": 30000}, "maxItems 30000 is more than the 1000"),
-    ({"type": "string", "maxLength": 100000}, "maxLength 100000 is more than the 1000"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 30000}, "minItems 30000 is more than the 1000"),
+    ({"type": "string", "minLength": 100000}, "minLength 100000 is more than the 1000"),
     ({"type": "array", "items": {}, "minItems": 5, "maxItems": 2}, "minItems 5 is more than maxItems 2"),
     ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength 3 is more than maxLength 2"),
     ({"type": "string", "pattern": "^(a$"}, "not a valid regular expression"),
@@ -278,3 +278,15 @@ def test_bounded_integers_work_anywhere_in_a_schema(engine):
 
 def test_an_unbounded_integer_is_still_the_converters():
     assert "integral-part" in schema_grammar({"type": "integer"}).gbnf
+
+
+def test_a_maximum_too_large_to_spell_is_left_out_not_refused():
+    """maxItems 30,000 once crashed llama.cpp's grammar parser (a repetition is a recursion); pydantic's common
+    max_length=4096 must still be accepted: such a maximum is left to max_tokens."""
+    for schema in ({"type": "array", "items": {"type": "integer"}, "maxItems": 30000},
+                   {"type": "object", "properties": {"note": {"type": "string", "maxLength": 4096}}}):
+        grammar = response_format_grammar({"type": "json_schema", "json_schema": {"schema": schema}})
+        assert len(grammar.gbnf) < 3000  # spelled out, the maximum alone would be a rule nested thousands deep
+    bounded = response_format_grammar({"type": "json_schema", "json_schema": {"schema": {"type": "string",
+                                                                                          "maxLength": 5}}})
+    assert "(char (char (char (char (char)?)?)?)?)?" in bounded.gbnf  # a small maximum is still spelled out

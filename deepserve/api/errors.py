@@ -106,8 +106,8 @@ class ErrorRouter:
             await authenticate(request)
         except AuthenticationError as refused:
             return refused
-        except DeepserveError:  # the key store itself failed: the body error is still the answer
-            pass
+        except Exception:  # the key store itself failed (its database down): the body error is still the answer
+            log.warning("could not look up the key before answering a body error", exc_info=True)
         return error
 
     def install(self, app: FastAPI) -> None:

@@ -189,6 +189,7 @@ def settle(engine: Engine, reservation: Reservation, usage: Usage, *, endpoint: 
                         reservation.id)
             available = conn.execute(
                 sa.select(accounts.c.balance - accounts.c.reserved).where(accounts.c.id == reservation.account_id)
+                .with_for_update()
             ).scalar_one()
             charge = max(0, min(charge, available))
             row = conn.execute(

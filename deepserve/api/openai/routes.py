@@ -148,6 +148,10 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
         token_lists = [fim_prompt_tokens(model, p, body.suffix) for p in prompts]
     else:
         token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
+    if body.echo and body.logprobs is not None and model.takes_text_prompts:
+        # Scores read from an empty slice would be silently 0 (lm-evaluation-harness): refuse instead.
+        raise InvalidRequestError("echo with logprobs needs the prompt tokens' logprobs, which this model's "
+                                  "upstream engine does not report.", param="echo")
     detokenize = getattr(model.engine, "detokenize", None)
     texts = [p if isinstance(p, str) else detokenize(p) if body.echo and detokenize else "" for p in prompts]
     longest = max(len(t) for t in token_lists)

@@ -499,11 +499,15 @@ class LlamaCppEngine:
             piece = self.runner.token_piece(prompt[0])
             state.prompt_logprobs.append(TokenLogprob(piece.decode("utf-8", errors="replace"), piece, None))
         first_row = last_row - len(chunk.tokens) + 1
-        for k in range(len(chunk.tokens)):
-            position = chunk.start + k
-            if position + 1 >= len(prompt):
-                break  # the last prompt position's logits pick the first output token
-            state.prompt_logprobs.append(self._logprob(seq, first_row + k, prompt[position + 1], num_top))
+        # Row k scores the token after position start + k; the last prompt position's row picks the first output.
+        scored = prompt[chunk.start + 1: chunk.start + len(chunk.tokens) + 1]
+        if not scored:
+            return
+        piece = self.runner.token_piece
+        for token, (chosen, top) in zip(scored, self.runner.logprobs_of_rows(first_row, scored, num_top)):
+            state.prompt_logprobs.append(TokenLogprob(
+                token=piece(token).decode("utf-8", errors="replace"), token_bytes=piece(token), logprob=chosen,
+                top=[(piece(t).decode("utf-8", errors="replace"), piece(t), lp) for t, lp in top]))
 
     def _logprob(self, seq: Sequence, row: int, token: int, num_top: int | None = None) -> TokenLogprob:
         piece = self.runner.token_piece

@@ -34,6 +34,7 @@ WAIT_MIN_GAIN_TOKENS = 16
 # A saved or busy slot's KV is copied whole; it is only copied when the request reuses at least this share of it
 # (llama.cpp's server: "don't trash large prompts", f_keep >= 0.25).
 COPY_MIN_SHARE = 0.25
+PROMPT_SCORING_CHUNK = 64  # prompt tokens a step for a request that wants its prompt's logprobs
 
 
 @dataclass(slots=True, eq=False)
@@ -190,6 +191,10 @@ class Scheduler:
 
     def _plan_prefill(self, seq: Sequence, budget: int, plan: StepPlan) -> int:
         num_prompt = len(seq.prompt_tokens)
+        if seq.request.sampling.prompt_logprobs is not None:
+            # Every row of a scored chunk is kept and scored on the engine thread: small chunks bound both the
+            # stall of the step (the others wait) and llama.cpp's logits buffer (rows x vocabulary, never shrunk).
+            budget = min(budget, PROMPT_SCORING_CHUNK)
         end = min(num_prompt, seq.num_computed + budget)
         tokens = seq.prompt_tokens[seq.num_computed : end]
         plan.chunks.append(ScheduledChunk(seq, seq.num_computed, tokens, end == num_prompt))

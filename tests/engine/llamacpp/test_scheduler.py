@@ -330,3 +330,17 @@ def test_a_request_scoring_its_prompt_reuses_no_cached_prefix():
     s.add(scored)
     plan = s.schedule()
     assert plan.admissions[0].num_reused == 0 and plan.chunks[0].start == 0 and plan.chunks[0].tokens == [1, 2, 3, 4, 5]
+
+
+def test_a_prompt_being_scored_is_prefilled_in_small_chunks():
+    from deepserve.engine.llamacpp.scheduler import PROMPT_SCORING_CHUNK
+    s = Scheduler(num_slots=2, token_budget=512)
+    scored = Sequence(GenerateRequest(prompt_tokens=list(range(1, 151)), request_id="scored",
+                                      sampling=SamplingParams(prompt_logprobs=0)))
+    plain = seq(list(range(500, 650)), "plain")
+    s.add(scored)
+    s.add(plain)
+    plan = run_step(s)
+    assert [len(c.tokens) for c in plan.chunks] == [PROMPT_SCORING_CHUNK, 150]
+    sizes = [len(c.tokens) for c in run_step(s).chunks if c.sequence is scored]
+    assert sizes == [PROMPT_SCORING_CHUNK]

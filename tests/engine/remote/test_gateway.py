@@ -146,6 +146,10 @@ def test_completions_with_text_prompts(sdk, upstreams):
         expected["usage"]["prompt_tokens"], expected["usage"]["completion_tokens"])
     streamed = list(sdk.completions.create(model="smol-remote", stream=True, **body))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == r.choices[0].text
+    # the upstream reports no prompt logprobs: echo + logprobs would score nothing, silently
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.completions.create(model="smol-remote", echo=True, logprobs=1, **body)
+    assert refused.value.body["param"] == "echo"
 
 
 def test_every_dialect_through_the_gateway(front, upstreams):
