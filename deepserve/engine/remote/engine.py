@@ -46,7 +46,8 @@ from deepserve.engine.remote.protocol import StreamTranslator, UpstreamProtocolE
 from deepserve.engine.remote.router import Router, UpstreamState
 from deepserve.engine.types import GenerateRequest, TextPrompt, TokenDelta
 from deepserve.errors import (
-    DeepserveError, EngineError, InvalidRequestError, PayloadTooLargeError, QueueFullError, ServiceUnavailableError,
+    ContextLengthError, DeepserveError, EngineError, InvalidRequestError, PayloadTooLargeError, QueueFullError,
+    ServiceUnavailableError,
 )
 from deepserve.observability.metrics import set_upstream_health
 
@@ -167,6 +168,15 @@ class RemoteEngine:
             "num_failovers": self.num_failovers, "num_broken_streams": self.num_broken_streams,
             "upstreams": self.router.snapshot(),
         }
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Only what is certain here: max_tokens alone past the context window can never fit (the prompt's count
+        is a bound, and the upstream checks the sum itself). Such a request also reserved max_tokens' worst case
+        and could get a 402 it never needed."""
+        if max_tokens > self.ctx_size:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.ctx_size} tokens. However, you requested "
+                f"{max_tokens} tokens for the completion alone. Please reduce max_tokens.", param="max_tokens")
 
     # ---- prompts ------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:

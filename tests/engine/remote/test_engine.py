@@ -394,3 +394,17 @@ def test_a_template_longer_than_the_bound_raises_the_next_chats_bound():
             assert len(s.engine.text_prompt("hi")) < 10  # raw completions have no template: unchanged
 
     asyncio.run(scenario())
+
+
+def test_max_tokens_past_the_context_window_is_refused_before_anything_is_sent():
+    from deepserve.errors import ContextLengthError
+
+    async def scenario() -> None:
+        async with scripted({"a": GOOD}) as s:
+            with pytest.raises(ContextLengthError) as refused:
+                s.engine.check_fits(10, 5000)  # context_window 4096
+            assert refused.value.param == "max_tokens" and "4096" in refused.value.message
+            s.engine.check_fits(4000, 4000)  # a prompt's count is only a bound here: the upstream judges the sum
+            assert s.hosts == []
+
+    asyncio.run(scenario())
