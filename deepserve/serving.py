@@ -262,24 +262,42 @@ async def _merge(streams: list[AsyncIterator[TokenDelta]]) -> AsyncIterator[tupl
             async for delta in stream:
                 yield 0, delta
         return
-    queue: asyncio.Queue[tuple[int, TokenDelta]] = asyncio.Queue()
+    async with contextlib.aclosing(fan_in(streams)) as merged:
+        async for index, delta in merged:
+            yield index, delta
 
-    async def pump(index: int, stream: AsyncIterator[TokenDelta]) -> None:
-        async with contextlib.aclosing(stream):
-            async for delta in stream:
-                queue.put_nowait((index, delta))
+
+async def fan_in(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """(stream index, item) from every stream as the items come, until each stream ends; a stream's failure
+    is raised here. Closing it cancels the pumps, which closes each stream (aborting its request in the engine).
+    For the n choices of one prompt (generate) and the prompts of one completion (its streaming response)."""
+    queue: asyncio.Queue[tuple[int, bool, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        failure: BaseException | None = None
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((index, False, item))
+        except Exception as error:  # handed to the reader, which raises it
+            failure = error
+        finally:
+            queue.put_nowait((index, True, failure))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    remaining = len(streams)
     try:
+        remaining = len(tasks)
         while remaining:
-            index, delta = await queue.get()
-            if delta.finish_reason is not None:
+            index, ended, item = await queue.get()
+            if ended:
                 remaining -= 1
-            yield index, delta
+                if item is not None:
+                    raise item
+                continue
+            yield index, item
     finally:
         for task in tasks:
-            task.cancel()  # closing a pump's stream aborts its request in the engine
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

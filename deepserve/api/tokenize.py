@@ -68,10 +68,9 @@ async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depen
     if len(texts) + (body.messages is not None) != 1:
         raise InvalidRequestError("Send exactly one of prompt, content or messages.", param="prompt")
     if body.messages is not None:
-        tokens = model.chat_prompt_tokens([m.for_template() for m in body.messages]) if body.add_generation_prompt \
-            else model.engine.tokenize(model.template.render([m.for_template() for m in body.messages],
-                                                             add_generation_prompt=False),
-                                       add_special=False, parse_special=True)
+        messages = [m.for_template() for m in body.messages]
+        tokens = model.chat_prompt_tokens(messages) if body.add_generation_prompt else model.engine.tokenize(
+            model.template.render(messages, add_generation_prompt=False), add_special=False, parse_special=True)
     else:
         # vLLM adds the model's special tokens by default; llama-server's add_special defaults to false
         add = body.add_special_tokens if body.add_special_tokens is not None else \
@@ -87,7 +86,9 @@ async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depen
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
+async def detokenize(
+    body: DetokenizeRequest, request: Request, _: Principal = Depends(require_bearer)
+) -> dict[str, Any]:
     model = _local_model(request, body.model)
     vocabulary = getattr(getattr(model.engine, "runner", None), "num_vocab", None)
     bad = [t for t in body.tokens if vocabulary is not None and not 0 <= t < vocabulary]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -22,7 +21,9 @@ from deepserve.chat_options import apply_model_defaults, prepare_chat
 from deepserve.engine.types import TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
 from deepserve.fim import fim_prompt_tokens, wants_fim
-from deepserve.serving import ChoiceResult, ServedModel, collect_stream, metered_generate, metered_generate_many
+from deepserve.serving import (
+    ChoiceResult, ServedModel, collect_stream, fan_in, metered_generate, metered_generate_many,
+)
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -187,33 +188,9 @@ async def _interleave(
         async for index, delta in streams[0]:
             yield 0, index, delta
         return
-    queue: asyncio.Queue[tuple[int, int, TokenDelta | BaseException | None]] = asyncio.Queue()
-
-    async def pump(prompt_index: int, stream: AsyncIterator[tuple[int, TokenDelta]]) -> None:
-        failure: BaseException | None = None
-        try:
-            async for index, delta in stream:
-                queue.put_nowait((prompt_index, index, delta))
-        except Exception as error:  # handed to the reader, which raises it
-            failure = error
-        finally:
-            queue.put_nowait((prompt_index, -1, failure))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            prompt_index, index, item = await queue.get()
-            if index < 0:
-                remaining -= 1
-                if item is not None:
-                    raise item
-                continue
-            yield prompt_index, index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with contextlib.aclosing(fan_in(streams)) as merged:
+        async for prompt_index, (index, delta) in merged:
+            yield prompt_index, index, delta
 
 
 async def _completion_events(

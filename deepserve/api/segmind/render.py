@@ -31,12 +31,17 @@ def remaining_credits(request: Request | None) -> str | None:
     return (billing_headers.remaining_credits(state) if state is not None else None) or "0"
 
 
+def credits_headers(request: Request | None) -> dict[str, str]:
+    """The `x-remaining-credits` header of a response, or none (remaining_credits says when)."""
+    credits = remaining_credits(request)
+    return {CREDITS_HEADER: credits} if credits is not None else {}
+
+
 def principal_of(request: Request | None) -> Principal | None:
     return getattr(request.state, "principal", None) if request is not None else None
 
 
 def error_response(error: DeepserveError, request: Request | None = None) -> Response:
-    credits = remaining_credits(request)
-    headers = {**error.headers, **({CREDITS_HEADER: credits} if credits is not None else {})}
+    headers = {**error.headers, **credits_headers(request)}
     status = NOT_ENOUGH_CREDITS if isinstance(error, InsufficientBalanceError) else error.status_code
     return JSONResponse({"error": error.message}, status_code=status, headers=headers)

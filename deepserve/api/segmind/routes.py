@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from deepserve.api.auth import Principal, require_api_key
 from deepserve.api.openai.routes import chat_completion_response
-from deepserve.api.segmind.render import CREDITS_HEADER, error_response, remaining_credits
+from deepserve.api.segmind.render import credits_headers, error_response
 from deepserve.api.segmind.schemas import SegmindChatRequest
 from deepserve.errors import ModelNotFoundError, NotFoundError
 from deepserve.serving import ModelRegistry, ServedModel
@@ -98,9 +98,7 @@ async def run(
     model: ServedModel = Depends(slug_model),
 ) -> Response:
     response = await chat_completion_response(body.to_openai(slug), model, request)
-    credits = remaining_credits(request)
-    if credits is not None:
-        response.headers[CREDITS_HEADER] = credits
+    response.headers.update(credits_headers(request))
     return response
 
 

@@ -496,27 +496,24 @@ class LlamaCppEngine:
         state: _SequenceState = seq.state
         prompt, num_top = seq.prompt_tokens, seq.request.sampling.prompt_logprobs or 0
         if chunk.start == 0:
-            piece = self.runner.token_piece(prompt[0])
-            state.prompt_logprobs.append(TokenLogprob(piece.decode("utf-8", errors="replace"), piece, None))
+            state.prompt_logprobs.append(self._token_logprob(prompt[0], None, []))
         first_row = last_row - len(chunk.tokens) + 1
         # Row k scores the token after position start + k; the last prompt position's row picks the first output.
         scored = prompt[chunk.start + 1: chunk.start + len(chunk.tokens) + 1]
         if not scored:
             return
-        piece = self.runner.token_piece
         for token, (chosen, top) in zip(scored, self.runner.logprobs_of_rows(first_row, scored, num_top)):
-            state.prompt_logprobs.append(TokenLogprob(
-                token=piece(token).decode("utf-8", errors="replace"), token_bytes=piece(token), logprob=chosen,
-                top=[(piece(t).decode("utf-8", errors="replace"), piece(t), lp) for t, lp in top]))
+            state.prompt_logprobs.append(self._token_logprob(token, chosen, top))
 
-    def _logprob(self, seq: Sequence, row: int, token: int, num_top: int | None = None) -> TokenLogprob:
+    def _logprob(self, seq: Sequence, row: int, token: int) -> TokenLogprob:
+        return self._token_logprob(token, *self.runner.logprobs(row, token, seq.request.sampling.top_logprobs))
+
+    def _token_logprob(self, token: int, logprob: float | None, top: list[tuple[int, float]]) -> TokenLogprob:
         piece = self.runner.token_piece
-        num_top = seq.request.sampling.top_logprobs if num_top is None else num_top
-        chosen, top = self.runner.logprobs(row, token, num_top)
         return TokenLogprob(
             token=piece(token).decode("utf-8", errors="replace"),
             token_bytes=piece(token),
-            logprob=chosen,
+            logprob=logprob,
             top=[(piece(t).decode("utf-8", errors="replace"), piece(t), lp) for t, lp in top],
         )
 

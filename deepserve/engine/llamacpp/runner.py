@@ -66,6 +66,12 @@ def sampler_seed(seed: int) -> int:
 GRAMMAR_SHORTLIST = 1024  # candidates a grammar is tried on before the whole vocabulary (runner._pick)
 
 
+def _token_array(candidates: np.ndarray) -> llama.llama_token_data_array:
+    """A llama_token_data_array over a numpy array of _TOKEN_DATA (not copied: samplers write through it)."""
+    return llama.llama_token_data_array(data=candidates.ctypes.data_as(llama.llama_token_data_p),
+                                        size=len(candidates), selected=-1, sorted=False)
+
+
 def _address(pointer: object) -> int | None:
     """A llama.cpp object's address: a hashable key for it (ctypes pointers are not)."""
     return ctypes.cast(pointer, ctypes.c_void_p).value
@@ -402,9 +408,7 @@ class LlamaRunner:
             return llama.llama_sampler_sample(sampler, self._ctx, row)
         token = self._pick(sampler, row, None)
         one = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
-        check = llama.llama_token_data_array(data=one.ctypes.data_as(llama.llama_token_data_p), size=1,
-                                             selected=-1, sorted=False)
-        llama.llama_sampler_apply(grammar, ctypes.byref(check))
+        llama.llama_sampler_apply(grammar, ctypes.byref(_token_array(one)))
         if not math.isfinite(float(one["logit"][0])):
             token = self._pick(sampler, row, grammar)
         llama.llama_sampler_accept(sampler, token)
@@ -430,9 +434,7 @@ class LlamaRunner:
         candidates["id"] = np.arange(self.num_vocab, dtype=np.int32)
         candidates["logit"] = self.logits(row)
         candidates["p"] = 0.0
-        array = llama.llama_token_data_array(
-            data=candidates.ctypes.data_as(llama.llama_token_data_p), size=self.num_vocab, selected=-1, sorted=False
-        )
+        array = _token_array(candidates)
         if grammar is not None:
             llama.llama_sampler_apply(grammar, ctypes.byref(array))
         llama.llama_sampler_apply(sampler, ctypes.byref(array))
@@ -454,8 +456,7 @@ class LlamaRunner:
         short = np.zeros(len(ids), dtype=_TOKEN_DATA)
         short["id"] = ids
         short["logit"] = logits[ids]
-        array = llama.llama_token_data_array(data=short.ctypes.data_as(llama.llama_token_data_p), size=len(short),
-                                             selected=-1, sorted=False)
+        array = _token_array(short)
         llama.llama_sampler_apply(grammar, ctypes.byref(array))
         if not np.isfinite(short["logit"][: array.size]).any():
             return None  # the grammar wants a token the model ranks lower: the whole vocabulary then
@@ -483,18 +484,11 @@ class LlamaRunner:
 
     def logprobs(self, row: int, token: int, num_top: int) -> tuple[float, list[tuple[int, float]]]:
         """Log-probability of `token` under the raw model distribution, plus the `num_top` best."""
-        logits = self.logits(row).astype(np.float64)
-        peak = logits.max()
-        log_z = peak + math.log(np.exp(logits - peak).sum())
-        chosen = float(logits[token] - log_z)
-        top: list[tuple[int, float]] = []
-        if num_top > 0:
-            best = np.argpartition(-logits, num_top)[:num_top]
-            best = best[np.argsort(-logits[best])]
-            top = [(int(t), float(logits[t] - log_z)) for t in best]
-        return chosen, top
+        return self.logprobs_of_rows(row, [token], num_top)[0]
 
-    def logprobs_of_rows(self, first_row: int, tokens: list[int], num_top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    def logprobs_of_rows(
+        self, first_row: int, tokens: list[int], num_top: int
+    ) -> list[tuple[float, list[tuple[int, float]]]]:
         """`logprobs` of tokens[k] under row first_row + k, for consecutive rows of one entry (all_logits), in
         one numpy pass over the rows instead of one per token (prompt scoring runs on the engine thread)."""
         n, vocab = len(tokens), self.num_vocab
@@ -502,7 +496,8 @@ class LlamaRunner:
         last = llama.llama_get_logits_ith(self._ctx, first_row + n - 1)
         step = ctypes.sizeof(ctypes.c_float) * vocab
         if ctypes.cast(last, ctypes.c_void_p).value - ctypes.cast(first, ctypes.c_void_p).value != (n - 1) * step:
-            return [self.logprobs(first_row + k, token, num_top) for k, token in enumerate(tokens)]
+            # Rows not laid out one after another: one pass per row (n == 1 is always consecutive).
+            return [self.logprobs_of_rows(first_row + k, [token], num_top)[0] for k, token in enumerate(tokens)]
         block = np.ctypeslib.as_array(first, shape=(n * vocab,)).reshape(n, vocab)
         peak = block.max(axis=1)
         log_z = peak + np.log(np.exp(block - peak[:, None]).sum(axis=1, dtype=np.float64))

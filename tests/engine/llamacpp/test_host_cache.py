@@ -4,11 +4,14 @@ only slot by another one comes back from RAM, and generates exactly what it gene
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
 from deepserve.bundled import bundled_model_path
 from deepserve.engine.llamacpp.loop import LlamaCppEngine
+from deepserve.engine.prompt_cache import common_prefix_length
 from deepserve.engine.types import SamplingParams
 from tests.engine.llamacpp.streams import collect
 
@@ -34,6 +37,25 @@ def conversation(engine: LlamaCppEngine) -> tuple[list[int], list[int]]:
     return first, other
 
 
+@dataclass
+class ComeBack:
+    first: list[int]
+    other: list[int]
+    fresh: list[int]  # `first`'s output computed afresh
+    again: list[int]  # its output when asked again after `other` took the only slot
+    cached_again: int  # prompt tokens reused the second time
+
+
+def push_out_and_come_back(engine: LlamaCppEngine, meanwhile: Callable[[], None] = lambda: None) -> ComeBack:
+    """`first`, then `other` in the only slot, then `first` again (`meanwhile` runs before it comes back)."""
+    first, other = conversation(engine)
+    fresh, _ = asyncio.run(generate(engine, first))
+    asyncio.run(generate(engine, other))
+    meanwhile()
+    again, cached_again = asyncio.run(generate(engine, first))
+    return ComeBack(first, other, fresh, again, cached_again)
+
+
 @pytest.mark.parametrize("kv_unified", [False, True], ids=["split-kv", "unified-kv"])
 def test_a_prompt_pushed_out_of_its_slot_is_restored_from_ram_and_decodes_the_same(kv_unified: bool):
     engine = make_engine(64, kv_unified=kv_unified)
@@ -53,28 +75,18 @@ def test_a_prompt_pushed_out_of_its_slot_is_restored_from_ram_and_decodes_the_sa
         stats = engine.stats()["prompt_cache"]
         assert stats["num_restored"] == 1 and stats["num_restored_tokens"] == len(first) - 1
         assert stats["entries"] == 2  # `other` was saved when `first` came back; `first`'s copy stays
-        assert engine.counters.num_cached_prompt_tokens == len(first) - 1 + common_system_prefix(first, other)
+        assert engine.counters.num_cached_prompt_tokens == len(first) - 1 + common_prefix_length(first, other)
     finally:
         engine.close()
-
-
-def common_system_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def test_without_the_ram_cache_the_pushed_out_prompt_is_computed_again():
     engine = make_engine(0)
     try:
-        first, other = conversation(engine)
-        fresh, _ = asyncio.run(generate(engine, first))
-        asyncio.run(generate(engine, other))
-        again, cached_again = asyncio.run(generate(engine, first))
+        run = push_out_and_come_back(engine)
         assert engine.stats()["prompt_cache"] is None
-        assert cached_again == common_system_prefix(first, other)  # only what `other` left in the slot
-        assert again == fresh
+        assert run.cached_again == common_prefix_length(run.first, run.other)  # only what `other` left in the slot
+        assert run.again == run.fresh
     finally:
         engine.close()
 
@@ -82,27 +94,24 @@ def test_without_the_ram_cache_the_pushed_out_prompt_is_computed_again():
 def test_a_cache_too_small_for_one_state_keeps_nothing_and_still_serves():
     engine = make_engine(1)  # 1 MiB: less than one of these prompts' KV (about 23 KiB a token here)
     try:
-        first, other = conversation(engine)
-        fresh, _ = asyncio.run(generate(engine, first))
-        asyncio.run(generate(engine, other))
-        again, _ = asyncio.run(generate(engine, first))
+        run = push_out_and_come_back(engine)
         stats = engine.stats()["prompt_cache"]
         assert stats["entries"] == 0 and stats["bytes"] == 0 and stats["num_saved"] == 0
-        assert again == fresh
+        assert run.again == run.fresh
     finally:
         engine.close()
 
 
 def test_a_state_that_cannot_be_copied_back_is_computed_from_the_start_and_decodes_the_same():
     engine = make_engine(64)
+
+    def refuse_copies() -> None:  # as when a full unified KV pool refuses a saved state
+        engine.runner.load_state = lambda seq_id, state: False
+
     try:
-        first, other = conversation(engine)
-        fresh, _ = asyncio.run(generate(engine, first))
-        asyncio.run(generate(engine, other))
-        engine.runner.load_state = lambda seq_id, state: False  # as when a full unified KV pool refuses it
-        again, cached_again = asyncio.run(generate(engine, first))
-        assert cached_again == 0  # nothing reused: the whole prompt was computed
-        assert again == fresh  # from position 0, not from where the copy would have ended
+        run = push_out_and_come_back(engine, refuse_copies)
+        assert run.cached_again == 0  # nothing reused: the whole prompt was computed
+        assert run.again == run.fresh  # from position 0, not from where the copy would have ended
         assert engine.stats()["prompt_cache"]["num_restored"] == 0
     finally:
         engine.close()
