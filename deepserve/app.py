@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     app.state.key_store = billing.key_store
     errors = ErrorRouter()
     errors.register("/v1/", openai_error_response, require_bearer)  # OpenAI's routes take a Bearer key
+    errors.register(openai_routes.is_alias_path, openai_error_response, require_bearer)  # and outside /v1
     errors.install(app)
     app.state.errors = errors
     app.include_router(health.router)

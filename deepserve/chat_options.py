@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from deepserve.engine.types import GrammarSpec, ReasoningFormat, ReasoningParams, SamplingParams, TextPrompt
+from deepserve.engine.types import Generation, GrammarSpec, ReasoningFormat, ReasoningParams, SamplingParams, TextPrompt
 from deepserve.errors import InvalidRequestError
 from deepserve.reasoning import EFFORT_BUDGETS, budget_for
 from deepserve.structured import response_format_grammar
@@ -31,6 +31,7 @@ class ChatOptions:
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    generation: Generation = Generation.OPEN
 
 
 @dataclass(slots=True)
@@ -100,7 +101,8 @@ def prepare_chat(model: Any, messages: list[dict[str, Any]], options: ChatOption
         # response_format itself: they travel as the request gave them (its refusals come back as 400s).
         check_tools(options.tools, options.tool_choice)
         prompt = model.upstream_chat_prompt(messages, tools=options.tools, tool_choice=options.tool_choice,
-                                            parallel_tool_calls=options.parallel_tool_calls)
+                                            parallel_tool_calls=options.parallel_tool_calls,
+                                            generation=options.generation)
         return PreparedChat(prompt_tokens=prompt, reasoning=reasoning, response_format=options.response_format)
     grammar = response_format_grammar(options.response_format)
     functions, forced = check_tools(options.tools, options.tool_choice)
@@ -119,7 +121,7 @@ def prepare_chat(model: Any, messages: list[dict[str, Any]], options: ChatOption
             grammar = tool_call_grammar(functions, forced, tool_format,
                                         parallel=forced == "*" and options.parallel_tool_calls is not False,
                                         single_tokens=single_tokens(model, MARKERS))
-    prompt_tokens = model.chat_prompt_tokens(messages, **template_kwargs)
+    prompt_tokens = model.chat_prompt_tokens(messages, generation=options.generation, **template_kwargs)
     return PreparedChat(prompt_tokens=prompt_tokens, reasoning=reasoning, grammar=grammar, tool_format=tool_format)
 
 

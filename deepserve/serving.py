@@ -22,7 +22,8 @@ from deepserve.catalog import Catalog, CatalogEntry
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.engine.base import Engine
 from deepserve.engine.types import (
-    FinishReason, GenerateRequest, SamplingParams, TextPrompt, TokenDelta, TokenLogprob, ToolCall, next_request_id,
+    FinishReason, GenerateRequest, Generation, SamplingParams, TextPrompt, TokenDelta, TokenLogprob, ToolCall,
+    next_request_id,
 )
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.observability.requests import observe_streams
@@ -47,22 +48,43 @@ class ServedModel:
         """True when an upstream engine serves the model: prompts go to it as messages or text."""
         return bool(getattr(self.engine, "takes_text_prompts", False))
 
-    def chat_prompt_tokens(self, messages: list[dict[str, Any]], **template_kwargs: Any) -> list[int] | TextPrompt:
+    def chat_prompt_tokens(self, messages: list[dict[str, Any]], *, generation: Generation = Generation.OPEN,
+                           **template_kwargs: Any) -> list[int] | TextPrompt:
+        if self.takes_text_prompts:
+            return self.upstream_chat_prompt(messages, generation=generation)
+        return self.engine.tokenize(self.chat_prompt_text(messages, generation, **template_kwargs),
+                                    add_special=False, parse_special=True)  # the template writes BOS itself
+
+    def chat_prompt_text(self, messages: list[dict[str, Any]], generation: Generation, **template_kwargs: Any) -> str:
         from deepserve.reasoning import open_reasoning, strip_reasoning_history  # earlier reasoning never goes back in
 
-        if self.takes_text_prompts:
-            return self.upstream_chat_prompt(messages)
-        text = self.template.render(strip_reasoning_history(messages), add_generation_prompt=True, **template_kwargs)
-        if self.catalog is not None and self.catalog.reasoning:
+        history = strip_reasoning_history(messages)
+        prefix = messages[-1].get("content") or ""
+        if generation is Generation.CONTINUE and not prefix:  # nothing written yet: the assistant's turn opened
+            history, generation = history[:-1], Generation.OPEN
+        if generation is Generation.CONTINUE:
+            history[-1] = {**history[-1], "content": prefix}  # the text to continue, <think> and all
+            text = self.template.render(history, add_generation_prompt=False, **template_kwargs)
+            # The chat up to the end of that text: what the template writes after a message (its end-of-turn
+            # marker) is cut, as vLLM does for continue_final_message. A template that trims messages keeps
+            # only the trimmed text to continue.
+            for continued in (prefix, prefix.rstrip()):
+                end = text.rfind(continued) if continued else -1
+                if end >= 0:
+                    return text[:end + len(continued)]
+            raise InvalidRequestError(f"The chat template of {self.model_id} rewrites the last message, so it "
+                                      "cannot be continued (prefix).", param="messages")
+        text = self.template.render(history, add_generation_prompt=generation is not Generation.NONE,
+                                    **template_kwargs)
+        if generation is not Generation.NONE and self.catalog is not None and self.catalog.reasoning:
             text = open_reasoning(text)  # an older R1 template leaves the <think> block to the model
-        # The template writes BOS itself when the model wants one; never add a second.
-        return self.engine.tokenize(text, add_special=False, parse_special=True)
+        return text
 
-    def upstream_chat_prompt(self, messages: list[dict[str, Any]], **tool_fields: Any) -> TextPrompt:
+    def upstream_chat_prompt(self, messages: list[dict[str, Any]], **fields: Any) -> TextPrompt:
         """The chat for an upstream engine, with its tools (tools, tool_choice, parallel_tool_calls) as given."""
         from deepserve.reasoning import strip_reasoning_history
 
-        return self.engine.chat_prompt(strip_reasoning_history(messages), **tool_fields)
+        return self.engine.chat_prompt(strip_reasoning_history(messages), **fields)
 
     def text_prompt_tokens(self, prompt: str) -> list[int] | TextPrompt:
         if self.takes_text_prompts:

@@ -10,7 +10,8 @@ from deepserve.catalog import default_catalog
 from deepserve.catalog.registry import LocalModel, LocalRegistry
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.serving import ModelRegistry, ServedModel
-from deepserve.templates.chat import CHATML_TEMPLATE, ChatTemplate
+from deepserve.engine.types import Generation
+from deepserve.templates.chat import CHATML_TEMPLATE, ChatTemplate, builtin_template
 
 
 @dataclass
@@ -80,3 +81,29 @@ def test_registry_explains_why_a_catalog_model_is_not_served(tmp_path):
     assert "`deepserve serve --model deepseek-ai/deepseek-llm-7b-chat`" in message("deepseek-llm-7b-chat")
     assert "upstream engine" in message("deepseek-reasoner")
     assert message("gpt-4") == "The model `gpt-4` does not exist. Available models: SmolLM2-135M-Instruct."
+
+
+def _r1(model_id: str = "r1") -> ServedModel:
+    entry = default_catalog().get("deepseek-r1-distill-qwen-32b")
+    return ServedModel(model_id=model_id, engine=_Engine(), template=ChatTemplate(builtin_template("deepseek-r1")),
+                       catalog=entry)
+
+
+def test_how_a_chat_prompt_ends():
+    """A new turn opened (R1's <think> too), the last assistant message continued (DeepSeek's prefix), or none."""
+    model, question = _r1(), {"role": "user", "content": "Hi"}
+    assert model.chat_prompt_text([question], Generation.OPEN).endswith("<｜User｜>Hi<｜Assistant｜><think>\n")
+    assert model.chat_prompt_text([question], Generation.NONE).endswith("<｜User｜>Hi")
+    for prefix in ("Hello", "<think>\nThe user greets"):  # the answer, or the reasoning, is continued as given
+        continued = model.chat_prompt_text([question, {"role": "assistant", "content": prefix}], Generation.CONTINUE)
+        assert continued.endswith("<｜User｜>Hi<｜Assistant｜>" + prefix)
+    empty = model.chat_prompt_text([question, {"role": "assistant", "content": ""}], Generation.CONTINUE)
+    assert empty == model.chat_prompt_text([question], Generation.OPEN)  # nothing to continue: a new turn
+    trimming = ServedModel(model_id="t", engine=_Engine(), template=ChatTemplate(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>{% endfor %}"))
+    trimmed = trimming.chat_prompt_text([question, {"role": "assistant", "content": "Hello \n"}], Generation.CONTINUE)
+    assert trimmed == "<user>Hi</user><assistant>Hello"  # the template's own trim, without its end of turn
+    rewriting = ServedModel(model_id="t", engine=_Engine(), template=ChatTemplate(
+        "{% for m in messages %}{{ m.content | upper }}{% endfor %}"))
+    with pytest.raises(InvalidRequestError, match="cannot be continued"):
+        rewriting.chat_prompt_text([question, {"role": "assistant", "content": "Hello"}], Generation.CONTINUE)

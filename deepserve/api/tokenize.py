@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from deepserve.api.auth import Principal, require_bearer
-from deepserve.api.openai.schemas import ChatMessage
+from deepserve.api.openai.schemas import ChatCompletionRequest, ChatMessage
 from deepserve.errors import InvalidRequestError
 from deepserve.serving import ServedModel
 
@@ -36,6 +36,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None
     add_special: bool | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM: count the chat as a continuation of its last message
     with_pieces: bool = False
     return_token_strs: bool = False
 
@@ -68,9 +69,10 @@ async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depen
     if len(texts) + (body.messages is not None) != 1:
         raise InvalidRequestError("Send exactly one of prompt, content or messages.", param="prompt")
     if body.messages is not None:
-        messages = [m.for_template() for m in body.messages]
-        tokens = model.chat_prompt_tokens(messages) if body.add_generation_prompt else model.engine.tokenize(
-            model.template.render(messages, add_generation_prompt=False), add_special=False, parse_special=True)
+        chat = ChatCompletionRequest(model=model.model_id, messages=body.messages,
+                                     continue_final_message=body.continue_final_message,
+                                     add_generation_prompt=body.add_generation_prompt and not body.continue_final_message)
+        tokens = model.chat_prompt_tokens(chat.template_messages(), generation=chat.generation())
     else:
         # vLLM adds the model's special tokens by default; llama-server's add_special defaults to false
         add = body.add_special_tokens if body.add_special_tokens is not None else \

@@ -112,6 +112,16 @@ def next_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{next(_request_counter)}"
 
 
+class Generation(str, enum.Enum):
+    """How a chat prompt ends: the assistant's turn opened (the default); the last message, an assistant's,
+    continued (DeepSeek's chat prefix completion, vLLM's continue_final_message); neither (vLLM's
+    add_generation_prompt false)."""
+
+    OPEN = "open"
+    CONTINUE = "continue"
+    NONE = "none"
+
+
 @dataclass(slots=True)
 class TextPrompt:
     """A prompt for an engine that renders and tokenizes it itself (an upstream server: deepserve/engine/remote).
@@ -127,6 +137,7 @@ class TextPrompt:
     tools: list[dict] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    generation: Generation = Generation.OPEN
     num_tokens_bound: int = 0
 
     def __len__(self) -> int:

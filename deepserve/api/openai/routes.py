@@ -61,6 +61,20 @@ async def _price_overrides(request: Request) -> dict[str, TokenPrices] | None:
         return None
 
 
+# DeepSeek's clients take https://api.deepseek.com (no /v1) or its /beta (prefix and FIM completion) as their
+# base URL, and llama-server answers without /v1 too: the same routes there, so only the host changes.
+ALIAS_PREFIXES = ("", "/beta")
+
+
+def is_alias_path(path: str) -> bool:
+    """Whether `path` is one of the OpenAI routes outside /v1 (errors there are OpenAI's)."""
+    for prefix in ALIAS_PREFIXES:
+        rest = path[len(prefix):] if path.startswith(prefix + "/") else None
+        if rest in ("/chat/completions", "/completions", "/models") or (rest or "").startswith("/models/"):
+            return True
+    return False
+
+
 @router.get("/v1/models")
 async def list_models(request: Request, _: Principal = Depends(require_bearer)) -> dict[str, Any]:
     overrides = await _price_overrides(request)
@@ -238,3 +252,10 @@ async def _completion_events(
              "choices": [], "usage": render.usage(groups)}
         )
     yield sse.DONE
+
+
+for _prefix in ALIAS_PREFIXES:  # after /v1's own, so a listing of the routes shows those first
+    for _path, _endpoint, _method in (("/models", list_models, "GET"), ("/models/{model_id:path}", get_model, "GET"),
+                                      ("/chat/completions", chat_completions, "POST"),
+                                      ("/completions", completions, "POST")):
+        router.add_api_route(_prefix + _path, _endpoint, methods=[_method], include_in_schema=False)

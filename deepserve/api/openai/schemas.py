@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from deepserve.chat_options import ChatOptions
-from deepserve.engine.types import SamplingParams
+from deepserve.engine.types import Generation, SamplingParams
 from deepserve.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
@@ -150,6 +150,11 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Continue the last message, an assistant's, instead of starting a new turn: DeepSeek's chat prefix
+    # completion ("prefix": true on that message) or vLLM's continue_final_message (with add_generation_prompt
+    # false). add_generation_prompt false alone renders the chat with no assistant turn opened (vLLM).
+    continue_final_message: StrictBool = False
+    add_generation_prompt: StrictBool = True
 
     def chat_options(self) -> ChatOptions:
         extra = self.reasoning or ReasoningOptions()
@@ -161,6 +166,7 @@ class ChatCompletionRequest(_SamplingFields):
             tools=self.tools,
             tool_choice=self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls,
+            generation=self.generation(),
         )
 
     @property
@@ -168,7 +174,26 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.for_template() for m in self.messages]
+        messages = [m.for_template() for m in self.messages]
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be true.",
+                                          param="continue_final_message")
+            messages[-1]["prefix"] = True
+        for message in messages:
+            if not isinstance(message.get("prefix", False), bool):
+                raise InvalidRequestError("A message's prefix must be true or false.", param="messages")
+        if messages[-1].get("prefix") and messages[-1]["role"] != "assistant":
+            raise InvalidRequestError("Only an assistant's message can be continued (prefix: true); the last "
+                                      f"message is a {messages[-1]['role']}'s.", param="messages")
+        return messages
+
+    def generation(self) -> Generation:
+        """How the prompt ends: an assistant turn opened (the default), the last message continued, or neither."""
+        last = self.messages[-1]
+        if self.continue_final_message or (last.model_extra or {}).get("prefix") is True:
+            return Generation.CONTINUE
+        return Generation.OPEN if self.add_generation_prompt else Generation.NONE
 
     def to_sampling(self, max_tokens: int) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:

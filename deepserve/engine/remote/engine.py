@@ -44,7 +44,7 @@ import aiohttp
 from deepserve.engine.remote.config import RemoteModelSpec, UpstreamSpec
 from deepserve.engine.remote.protocol import StreamTranslator, UpstreamProtocolError, is_chat, request_body
 from deepserve.engine.remote.router import Router, UpstreamState
-from deepserve.engine.types import GenerateRequest, TextPrompt, TokenDelta
+from deepserve.engine.types import GenerateRequest, Generation, TextPrompt, TokenDelta
 from deepserve.errors import (
     ContextLengthError, DeepserveError, EngineError, InvalidRequestError, PayloadTooLargeError, QueueFullError,
     ServiceUnavailableError,
@@ -183,13 +183,14 @@ class RemoteEngine:
         raise EngineError(f"{self.model_id} is served by an upstream engine: this server has no tokenizer for it.")
 
     def chat_prompt(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
-                    tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> TextPrompt:
+                    tool_choice: Any = None, parallel_tool_calls: bool | None = None,
+                    generation: Generation = Generation.OPEN) -> TextPrompt:
         # An upper bound of its tokens: each token of a byte-level BPE vocabulary is at least one byte.
         size = sum(len(_text_of(m).encode()) + PER_MESSAGE_TOKENS for m in messages) + self.prompt_allowance
         if tools:
             size += len(str(tools).encode())
         return TextPrompt(messages=messages, tools=tools, tool_choice=tool_choice,
-                          parallel_tool_calls=parallel_tool_calls, num_tokens_bound=size)
+                          parallel_tool_calls=parallel_tool_calls, generation=generation, num_tokens_bound=size)
 
     def _learn_prompt_size(self, prompt: Any, num_reported: int) -> None:
         """A chat prompt the upstream counted beyond its bound: later chats' bounds carry the difference."""

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from deepserve.engine.types import (
-    FinishReason, GenerateRequest, ReasoningFormat, TextPrompt, TokenDelta, TokenLogprob, ToolCall,
+    FinishReason, GenerateRequest, Generation, ReasoningFormat, TextPrompt, TokenDelta, TokenLogprob, ToolCall,
 )
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "tool_calls": FinishReason.TOOL_CALLS,
@@ -69,6 +69,13 @@ def request_body(request: GenerateRequest, upstream_model: str, extra: dict[str,
             value = getattr(prompt, name)
             if value is not None:
                 body[name] = value
+        # vLLM's and SGLang's fields (deepserve reads them too; DeepSeek reads the last message's "prefix";
+        # llama-server continues a last assistant message by itself).
+        if prompt.generation is Generation.CONTINUE:
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        elif prompt.generation is Generation.NONE:
+            body["add_generation_prompt"] = False
         if s.response_format is not None:
             body["response_format"] = s.response_format
         if s.reasoning is not None:

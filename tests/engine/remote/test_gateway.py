@@ -137,6 +137,19 @@ def test_chat_answers_and_usage_are_the_upstreams(sdk, upstreams):
     assert (usage.prompt_tokens, usage.completion_tokens) == (r.usage.prompt_tokens, r.usage.completion_tokens)
 
 
+def test_prefix_completion_is_continued_by_the_upstream(sdk, upstreams):
+    """DeepSeek's prefix (and vLLM's continue_final_message) reach the upstream as vLLM's fields: the upstream
+    continues the assistant's message instead of opening a new turn."""
+    prefixed = {**CHAT, "messages": CHAT["messages"] + [{"role": "assistant", "content": "My favourite colour is",
+                                                         "prefix": True}]}
+    expected = direct(upstreams[1], "/v1/chat/completions", prefixed)
+    opened = direct(upstreams[1], "/v1/chat/completions", CHAT)
+    assert expected["usage"]["prompt_tokens"] > opened["usage"]["prompt_tokens"]
+    r = sdk.chat.completions.create(model="smol-remote", **prefixed)
+    assert r.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert r.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+
 def test_completions_with_text_prompts(sdk, upstreams):
     body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
     expected = direct(upstreams[0], "/v1/completions", body)

@@ -8,7 +8,7 @@ import pytest
 
 from deepserve.engine.remote.protocol import StreamTranslator, UpstreamProtocolError, request_body
 from deepserve.engine.types import (
-    FinishReason, GenerateRequest, ReasoningFormat, ReasoningParams, SamplingParams, TextPrompt,
+    FinishReason, GenerateRequest, Generation, ReasoningFormat, ReasoningParams, SamplingParams, TextPrompt,
 )
 
 
@@ -178,3 +178,16 @@ def test_logit_bias_is_forwarded_with_string_token_ids():
     body = request_body(chat_request(logit_bias={42: -100.0, 7: 5.0}), "up-model")
     assert body["logit_bias"] == {"42": -100.0, "7": 5.0}
     assert "logit_bias" not in request_body(chat_request(), "up-model")
+
+
+@pytest.mark.parametrize("generation, fields", [
+    (Generation.CONTINUE, {"continue_final_message": True, "add_generation_prompt": False}),
+    (Generation.NONE, {"add_generation_prompt": False}),
+    (Generation.OPEN, {}),
+])
+def test_how_a_chat_ends_is_sent_in_vllms_fields(generation, fields):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel", "prefix": True}]
+    body = request_body(GenerateRequest(TextPrompt(messages=messages, generation=generation, num_tokens_bound=9),
+                                        SamplingParams()), "m")
+    assert {k: body[k] for k in ("continue_final_message", "add_generation_prompt") if k in body} == fields
+    assert body["messages"] == messages  # DeepSeek's own API reads the last message's prefix
