@@ -194,9 +194,11 @@ class Charge:
         return [MeteredStream(stream, self, group) for group, stream in enumerate(streams)]
 
     def _computed(self, group: int, index: int) -> bool:
-        """Whether the engine started on this choice (a choice with no final delta may have been left in the
-        queue by a client that went away: nothing of it was computed, so none of it is charged)."""
-        if self._choices[group][index].final is not None or self._requests is None:
+        """Whether the engine computed any of this choice: a choice with no final delta may have been left in the
+        queue by a client that went away, and one that failed may have failed before it started (its grammar);
+        none of such a choice is charged."""
+        final = self._choices[group][index].final
+        if self._requests is None or (final is not None and final.finish_reason != FinishReason.ERROR):
             return True
         return self._requests[group][index].started
 

@@ -152,7 +152,8 @@ class GenerateRequest:
     sampling: SamplingParams
     request_id: str = field(default_factory=next_request_id)
     # False while an engine holds the request queued with nothing of it computed yet (an engine that queues
-    # sets it at submit, and back when the request gets a slot): a client gone before then is charged nothing.
+    # sets it at submit, and back when the request gets a slot; false again if it failed before any of it was
+    # computed): a client gone before then, or a request that failed so, is charged nothing.
     started: bool = True
 
 

@@ -15,7 +15,7 @@ from deepserve.billing import accounts
 from deepserve.billing.db import Database
 from deepserve.billing.meter import Charge, Meter
 from deepserve.billing.money import TokenPrices, cost
-from deepserve.engine.types import FinishReason, TokenDelta
+from deepserve.engine.types import FinishReason, GenerateRequest, SamplingParams, TokenDelta
 from tests.billing.conftest import count
 
 PRICES = TokenPrices(input=1_000_000_000, cached_input=250_000_000, output=2_000_000_000)
@@ -153,6 +153,24 @@ def test_an_engine_failure_is_charged_for_what_was_computed_and_never_more_than_
             balance, ledger_sum = accounts.check_ledger(m.db.engine, m.account_id)
             assert balance == ledger_sum == GRANT - failed_row.cost - runaway_row.cost
             assert m.account().reserved == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_failed_before_the_engine_computed_any_of_it_is_charged_nothing(db_url):
+    """The engine fails a request at its start (a grammar llama.cpp refuses) and says so (started false): its
+    final delta's prompt count is not charged. A failure after the start still is (the test above)."""
+    async def scenario() -> None:
+        async with Metered(db_url) as m:
+            charge = await m.charge([5], n=1, max_tokens=3)
+            never = GenerateRequest([1, 2, 3, 4, 5], SamplingParams(max_tokens=3), started=False)
+            (stream,) = charge.wrap([scripted([(0, final(FinishReason.ERROR, num_prompt=5, num_generated=0))])],
+                                    [[never]])
+            async for _ in stream:
+                pass
+            (row,) = m.usage_rows()
+            assert (row.status, row.num_prompt_tokens, row.num_completion_tokens, row.cost) == ("error", 0, 0, 0)
+            assert (m.account().balance, m.account().reserved) == (GRANT, 0)
 
     asyncio.run(scenario())
 

@@ -343,7 +343,8 @@ class LlamaCppEngine:
         for admission in plan.admissions:
             try:
                 self._start(admission)
-            except ValueError as exc:  # this request's grammar: fail it alone
+            except ValueError as exc:  # this request's grammar: fail it alone, and nothing of it was computed
+                admission.sequence.request.started = False
                 self._finish(admission.sequence, RequestStatus.FINISHED_ERROR, error=str(exc))
         # A chunk goes only where its sequence's KV ends: a failed start drops the sequence (finished), and a KV
         # copy that could not be made sends it back to position 0 (forget_reuse), to be planned from there next step.

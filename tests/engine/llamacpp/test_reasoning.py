@@ -205,6 +205,13 @@ def test_a_forced_tool_call_in_deepseek_syntax(tiny_ggufs):
 def test_a_grammar_llama_cpp_cannot_parse_fails_only_its_request(r1_engine):
     from deepserve.engine.types import GrammarSpec
 
-    deltas = generate(r1_engine, chat_prompt(r1_engine), max_tokens=4, grammar=GrammarSpec(gbnf="root ::= (", root="root"))
+    request = GenerateRequest(chat_prompt(r1_engine), SamplingParams(
+        max_tokens=4, temperature=0.0, grammar=GrammarSpec(gbnf="root ::= (", root="root")))
+
+    async def run():
+        return [d async for d in r1_engine.submit(request)]
+
+    deltas = asyncio.run(run())
     assert deltas[-1].finish_reason == FinishReason.ERROR and "grammar" in deltas[-1].error
+    assert request.started is False  # nothing of it was computed: billing charges none of it
     assert generate(r1_engine, chat_prompt(r1_engine), max_tokens=2)[-1].finish_reason == FinishReason.LENGTH
