@@ -22,6 +22,7 @@ from deepserve.api.auth import require_bearer
 from deepserve.api.errors import ErrorRouter, openai_error_response
 from deepserve.api.limits import BodySizeLimit
 from deepserve.api.dataoorts import routes as dataoorts_routes
+from deepserve.api.llamacpp import routes as llamacpp_routes
 from deepserve.api.openai import routes as openai_routes
 from deepserve.api.segmind import routes as segmind_routes
 from deepserve.api.workers_ai import routes as workers_ai_routes
@@ -167,6 +168,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     admin_routes.install(app)
     app.include_router(openai_routes.router)
     app.include_router(tokenize_routes.router)  # /tokenize, /detokenize (vLLM's and llama-server's)
+    llamacpp_routes.install(app)  # /completion, /infill (llama-server's own API)
     workers_ai_routes.install(app)
     dataoorts_routes.install(app)
     segmind_routes.install(app)  # last: its /v1/{slug} must not shadow the OpenAI routes

@@ -60,3 +60,35 @@ def fim_prompt_tokens(model: ServedModel, prefix: str | list[int], suffix: str) 
                                                                           parse_special=False)
     after = engine.tokenize(suffix, add_special=False, parse_special=False)
     return [*bos, pre, *before, suf, *after, mid]
+
+
+# llama-server fits the code around the gap in one batch of its default size, 3:1 before and after the gap.
+INFILL_BATCH = 2048
+SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for models without a file separator token
+
+
+def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: list[tuple[str, str]], prompt: str,
+                         max_tokens: int) -> list[int]:
+    """llama-server's /infill prompt (format_prompt_infill): other files' text (`extra`: (filename, text)) as
+    snippets, then [BOS] FIM_PRE prefix prompt FIM_SUF suffix FIM_MID. The prefix keeps its last 1,536 tokens and
+    the suffix its first 512 less the prompt's, as llama-server's default batch does; the snippets fill what the
+    window has left after a batch and twice `max_tokens`, keeping their ends."""
+    ids = fim_token_ids(model)
+    if ids is None:
+        raise InvalidRequestError(f"Infill is not supported by the model `{model.model_id}`: its vocabulary has no "
+                                  "FIM prefix, suffix and middle tokens.", param="model")
+    pre, suf, mid = ids
+    engine = model.engine
+
+    def tokens(text: str) -> list[int]:
+        return engine.tokenize(text, add_special=False, parse_special=False) if text else []
+
+    before, after, written = tokens(prefix), tokens(suffix), tokens(prompt)
+    before = before[len(before) - min(len(before), 3 * (INFILL_BATCH // 4)):]
+    after = after[:min(len(after), max(0, INFILL_BATCH // 4 - (2 + len(written))))]
+    snippets: list[int] = []
+    for _filename, text in extra:  # deepseek-coder has no file separator token: snippets are marked in text
+        snippets += tokens(SNIPPET_SEPARATOR) + tokens(text)
+    take = min(max(0, model.ctx_size - INFILL_BATCH - 2 * max_tokens), len(snippets))
+    bos = engine.tokenize("", add_special=True, parse_special=False)
+    return [*bos, *snippets[len(snippets) - take:], pre, *before, *written, suf, *after, mid]

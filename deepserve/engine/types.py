@@ -163,6 +163,8 @@ class TokenLogprob:
     token_bytes: bytes
     logprob: float | None  # None: the prompt's first token (nothing came before it)
     top: list[tuple[str, bytes, float]] = field(default_factory=list)
+    token_id: int | None = None  # the ids, where the engine knows them (llama-server's answers carry them)
+    top_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

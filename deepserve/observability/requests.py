@@ -41,6 +41,8 @@ def dialect_of(path: str) -> str:
         return "workers_ai"
     if path == "/api/v1":
         return "dataoorts"
+    if path in ("/completion", "/infill"):
+        return "llamacpp"
     if is_slug_path(path):
         return "segmind"
     if path.startswith("/admin/") or path == "/admin":

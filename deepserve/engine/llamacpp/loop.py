@@ -516,6 +516,8 @@ class LlamaCppEngine:
             token_bytes=piece(token),
             logprob=logprob,
             top=[(piece(t).decode("utf-8", errors="replace"), piece(t), lp) for t, lp in top],
+            token_id=token,
+            top_ids=[t for t, _ in top],
         )
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None, *, forced: bool = False) -> bool:

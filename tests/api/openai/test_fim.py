@@ -7,18 +7,11 @@ tiny deepseek-math one does not. The bundled SmolLM2 (its own server, tests/conf
 
 from __future__ import annotations
 
-import socket
-import threading
-
 import openai
 import pytest
-import uvicorn
 
-from deepserve.app import create_app, load_served_model
-from deepserve.catalog import default_catalog
-from deepserve.catalog.plan import ModelPlan
 from deepserve.config import Settings
-from deepserve.serving import ModelRegistry
+from tests.api.inprocess import serve_in_process
 
 CODER = "deepseek-ai/deepseek-coder-6.7b-instruct"
 NO_FIM = "tiny-math"
@@ -27,48 +20,13 @@ PREFIX = "def add(a, b):\n    return "
 SUFFIX = "\n\nprint(add(1, 2))\n"
 
 
-class RecordingEngine:
-    """The real engine, remembering the prompt tokens of every request it is given."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.prompts: list[list[int]] = []
-
-    def submit(self, request):
-        self.prompts.append(list(request.prompt_tokens))
-        return self._engine.submit(request)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
 @pytest.fixture(scope="module")
 def fim_server(tiny_ggufs, tmp_path_factory):
     settings = Settings(api_keys=[KEY], parallel=2, ctx_size=256, threads=1,
                         data_dir=tmp_path_factory.mktemp("fim-data"))
-    catalog = default_catalog()
-    registry = ModelRegistry(catalog)
-    engines = {}
-    try:
-        for model_id, family in ((CODER, "deepseek-coder"), (NO_FIM, "deepseek-math")):
-            served = load_served_model(settings, ModelPlan(model_id, tiny_ggufs[family], catalog.find(model_id)))
-            served.engine = engines[model_id] = RecordingEngine(served.engine)
-            registry.add(served)
-        # Listening before uvicorn starts: a request sent at once waits in the backlog, no start-up race.
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        server = uvicorn.Server(uvicorn.Config(create_app(settings, models=registry), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key=KEY,
-                               max_retries=0, timeout=120)
-        yield client, engines
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-    finally:
-        registry.close()
+    with serve_in_process(settings, [(CODER, tiny_ggufs["deepseek-coder"]),
+                                     (NO_FIM, tiny_ggufs["deepseek-math"])]) as (url, engines):
+        yield openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120), engines
 
 
 def deepseek_fim_tokens(engine, prefix: str, suffix: str) -> list[int]:

@@ -1,0 +1,138 @@
+"""`POST /completion` and `POST /infill`: auth → schema → prompt → generate → llama-server's answer."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from starlette.responses import JSONResponse, Response
+
+from deepserve.api import sse
+from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.llamacpp import render
+from deepserve.api.llamacpp.schemas import InfillRequest, NativeCompletionRequest
+from deepserve.chat_options import apply_model_defaults
+from deepserve.engine.types import TextPrompt, TokenDelta
+from deepserve.errors import EngineError, InvalidRequestError
+from deepserve.fim import infill_prompt_tokens
+from deepserve.serving import ChoiceResult, ServedModel, metered_generate
+
+PATHS = ("/completion", "/infill")
+router = APIRouter(tags=["llama.cpp"])
+
+
+def _model(request: Request, model_id: str | None) -> ServedModel:
+    """The named model, or the one served (llama-server's requests name none)."""
+    models = request.app.state.models
+    if model_id is not None:
+        return models.get(model_id)
+    served = list(models)
+    if len(served) != 1:
+        raise InvalidRequestError(f"Name the model: this server serves {len(served)}.", param="model")
+    return served[0]
+
+
+@router.post("/completion", summary="llama-server's completion (raw prompt, its fields and answer)")
+async def completion(body: NativeCompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
+    model = _model(request, body.model)
+    if model.takes_text_prompts:
+        if not isinstance(body.prompt, str):
+            raise InvalidRequestError("This model is served by an upstream engine: send the prompt as text.",
+                                      param="prompt")
+        prompt: list[int] | TextPrompt = model.text_prompt_tokens(body.prompt)
+    elif isinstance(body.prompt, str):
+        # llama-server reads special tokens in a raw prompt ("<|im_start|>user...") and adds BOS.
+        prompt = model.engine.tokenize(body.prompt, add_special=True, parse_special=True)
+    else:
+        prompt = list(body.prompt)
+    if not len(prompt):
+        raise InvalidRequestError("The prompt is empty.", param="prompt")
+    return await _answer(request, model, body, prompt)
+
+
+@router.post("/infill", summary="llama-server's code infill (the code around the cursor, other files' snippets)")
+async def infill(body: InfillRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
+    model = _model(request, body.model)
+    if model.takes_text_prompts:
+        raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine, which builds "
+                                  "its own infill prompt: send /infill there.", param="model")
+    budget = body.requested_max_tokens if body.requested_max_tokens is not None else -1
+    prompt = infill_prompt_tokens(model, body.input_prefix, body.input_suffix,
+                                  [(c.filename, c.text) for c in body.input_extra], body.prompt, budget)
+    return await _answer(request, model, body, prompt)
+
+
+async def _answer(request: Request, model: ServedModel, body: NativeCompletionRequest,
+                  prompt: list[int] | TextPrompt) -> Response:
+    max_tokens = model.resolve_max_tokens(body.requested_max_tokens, len(prompt))
+    tokenize = lambda text: model.engine.tokenize(text, add_special=False, parse_special=False)  # noqa: E731
+    omitted = {"max_tokens"} if body.requested_max_tokens is None else set()
+    sampling = apply_model_defaults(model, body.to_sampling(max_tokens, tokenize), omitted=omitted,
+                                    num_prompt_tokens=len(prompt))
+    settings = _settings(body, sampling.max_tokens)
+    timings = render.Timings()
+    stream = await metered_generate(request, model, prompt, sampling)
+    prompt_text = _prompt_text(model, prompt, body)
+    if body.stream:
+        return sse.sse_response(_events(stream, body, model.model_id, prompt_text, timings, settings))
+    choice = ChoiceResult(index=0)
+    async with contextlib.aclosing(stream):
+        async for _, delta in stream:
+            if delta.token_ids or delta.text:
+                timings.saw_token()
+            choice.add(delta)
+    timings.finished = time.perf_counter()
+    if choice.error is not None:
+        raise EngineError(f"The engine failed while generating: {choice.error}")
+    result = render.final_result(choice, model=model.model_id, prompt=prompt_text, timings=timings,
+                                 settings=settings, streamed=False, return_tokens=body.return_tokens,
+                                 want_probs=body.n_probs > 0)
+    return JSONResponse(render.pick_fields(result, body.response_fields))
+
+
+async def _events(stream: AsyncIterator[tuple[int, TokenDelta]], body: NativeCompletionRequest, model_id: str,
+                  prompt_text: str, timings: render.Timings, settings: dict[str, Any]) -> AsyncIterator[bytes]:
+    """One event a token (its text, id and probabilities), then the final result; no [DONE], as llama-server."""
+    choice = ChoiceResult(index=0)
+    async with contextlib.aclosing(stream):
+        async for _, delta in stream:
+            if delta.error is not None:
+                yield sse.event(render.error_body(500, f"The engine failed while generating: {delta.error}",
+                                                  "server_error"))
+                return
+            if delta.token_ids or delta.text:
+                timings.saw_token()
+            choice.add(delta)
+            if delta.text or delta.token_ids:
+                event = {"index": 0, "content": delta.text, "tokens": list(delta.token_ids), "stop": False,
+                         "id_slot": render.NO_SLOT, "tokens_predicted": len(choice.token_ids),
+                         "tokens_evaluated": delta.num_prompt_tokens}
+                if body.n_probs and delta.logprobs:
+                    event["completion_probabilities"] = render.probabilities(delta.logprobs)
+                yield sse.event(event)
+    timings.finished = time.perf_counter()
+    yield sse.event(render.final_result(choice, model=model_id, prompt=prompt_text, timings=timings, settings=settings,
+                                        streamed=True, return_tokens=body.return_tokens, want_probs=False))
+
+
+def _prompt_text(model: ServedModel, prompt: list[int] | TextPrompt, body: NativeCompletionRequest) -> str:
+    if isinstance(prompt, TextPrompt):
+        return prompt.text or ""
+    detokenize = getattr(model.engine, "detokenize", None)
+    return detokenize(prompt) if detokenize else body.prompt if isinstance(body.prompt, str) else ""
+
+
+def _settings(body: NativeCompletionRequest, max_tokens: int) -> dict[str, Any]:
+    return {"n_predict": max_tokens, "seed": body.seed, "temperature": body.temperature, "top_k": body.top_k,
+            "top_p": body.top_p, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
+            "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+            "stop": body.stop, "ignore_eos": body.ignore_eos, "n_probs": body.n_probs, "stream": body.stream,
+            "grammar": body.grammar or ""}
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+    app.state.errors.register(lambda path: path in PATHS, render.error_response, require_bearer)

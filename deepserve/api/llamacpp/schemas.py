@@ -1,0 +1,106 @@
+"""llama-server's request fields for /completion and /infill, with its defaults (tools/server/server-schema.cpp)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+from deepserve.engine.types import GrammarSpec, SamplingParams
+from deepserve.errors import InvalidRequestError
+from deepserve.structured import schema_grammar
+
+MAX_N_PROBS = 20
+BAN = -100.0  # llama-server's `false` bias (never this token): the strongest bias deepserve's sampler takes
+
+
+class NativeCompletionRequest(BaseModel):
+    # Fields llama-server takes and deepserve has no use for (cache_prompt, samplers, id_slot, typical_p,
+    # t_max_predict_ms...) are ignored, as llama-server ignores fields it does not know.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None  # llama-server serves one model; deepserve may serve several
+    prompt: str | list[int] = ""
+    n_predict: int = Field(-1, ge=-1)  # -1: until the end of the context window (or the catalog's default)
+    max_tokens: int | None = Field(None, ge=-1)  # llama-server's alias of n_predict
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int = 40
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, ge=0.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int = -1  # -1 (llama-server's LLAMA_DEFAULT_SEED): a random seed
+    stop: list[str] = Field(default_factory=list)
+    stream: StrictBool = False
+    n_probs: int = Field(0, ge=0, le=MAX_N_PROBS)
+    ignore_eos: bool = False
+    logit_bias: list[list[Any]] | dict[str, Any] | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    return_tokens: bool = False
+    response_fields: list[str] | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        n = self.max_tokens if self.max_tokens is not None and "n_predict" not in self.model_fields_set else self.n_predict
+        return None if n < 0 else n
+
+    def to_sampling(self, max_tokens: int, tokenize) -> SamplingParams:
+        if self.grammar is not None and self.json_schema is not None:
+            raise InvalidRequestError("Send either grammar or json_schema, not both.", param="grammar")
+        grammar = None
+        if self.grammar:
+            grammar = GrammarSpec(gbnf=self.grammar, root="root")
+        elif self.json_schema is not None:
+            grammar = schema_grammar(self.json_schema)
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
+            seed=None if self.seed < 0 else self.seed, repetition_penalty=self.repeat_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, max_tokens=max_tokens,
+            stop=list(self.stop), ignore_eos=self.ignore_eos, logprobs=self.n_probs > 0, top_logprobs=self.n_probs,
+            logit_bias=self._logit_bias(tokenize), grammar=grammar,
+        )
+
+    def _logit_bias(self, tokenize) -> dict[int, float]:
+        """llama-server's forms: [[id or text, bias or false], ...] or {"id or text": bias or false}; a text
+        biases each of its tokens."""
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else (self.logit_bias or [])
+        bias: dict[int, float] = {}
+        for pair in pairs:
+            if len(pair) != 2:
+                raise InvalidRequestError("logit_bias entries are [token id or text, bias or false].",
+                                          param="logit_bias")
+            key, value = pair
+            if value is False:
+                value = BAN
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequestError(f"logit_bias: {value!r} is not a number or false.", param="logit_bias")
+            if isinstance(key, str) and key.lstrip("-").isdigit() and isinstance(self.logit_bias, dict):
+                ids = [int(key)]
+            elif isinstance(key, str):
+                ids = tokenize(key)
+            elif isinstance(key, int) and not isinstance(key, bool):
+                ids = [key]
+            else:
+                raise InvalidRequestError(f"logit_bias: {key!r} is not a token id or text.", param="logit_bias")
+            for token in ids:
+                bias[token] = max(BAN, min(100.0, float(value)))
+        return bias
+
+
+class ExtraChunk(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str
+    filename: str = "tmp"
+
+
+class InfillRequest(NativeCompletionRequest):
+    prompt: str = ""  # written after the prefix, just before the gap (llama-server's order)
+    input_prefix: str
+    input_suffix: str
+    input_extra: list[ExtraChunk] = Field(default_factory=list)  # other files' text, put before the FIM prompt

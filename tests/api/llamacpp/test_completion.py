@@ -1,0 +1,117 @@
+"""llama-server's own `POST /completion` on the bundled model over real HTTP (httpx), against what the same
+request gives through /v1/completions and /tokenize: llama-server's fields in, llama-server's answer out."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+PROMPT = "The capital of France is"
+
+
+def native(http: httpx.Client, body: dict, path: str = "/completion") -> dict:
+    r = http.post(path, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_greedy_completion_is_the_same_text_as_v1_and_says_why_it_stopped(http, server):
+    answer = native(http, {"prompt": PROMPT, "n_predict": 8, "temperature": 0, "ignore_eos": True})
+    v1 = http.post("/v1/completions", json={"model": server.model, "prompt": PROMPT, "max_tokens": 8,
+                                            "temperature": 0, "ignore_eos": True}).json()
+    assert answer["content"] == v1["choices"][0]["text"]
+    assert (answer["stop"], answer["stop_type"], answer["stopping_word"]) == (True, "limit", "")
+    assert answer["tokens_predicted"] == 8 and answer["tokens_evaluated"] == v1["usage"]["prompt_tokens"]
+    assert answer["model"] == server.model and answer["prompt"].endswith(PROMPT)
+    timings = answer["timings"]
+    assert timings["predicted_n"] == 8 and timings["prompt_n"] + timings["cache_n"] == answer["tokens_evaluated"]
+    assert timings["predicted_ms"] > 0 and timings["predicted_per_second"] > 0
+    assert answer["generation_settings"]["n_predict"] == 8 and answer["tokens"] == []
+    assert "completion_probabilities" not in answer
+
+
+def test_a_stop_word_and_the_end_of_generation(http):
+    free = native(http, {"prompt": PROMPT, "n_predict": 12, "temperature": 0, "ignore_eos": True})
+    word = free["content"].strip().split()[0]
+    stopped = native(http, {"prompt": PROMPT, "n_predict": 12, "temperature": 0, "stop": [word]})
+    assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word)
+    assert word not in stopped["content"]
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Say hi"}]}).json()["tokens"]
+    ended = native(http, {"prompt": chat, "n_predict": 200, "temperature": 0})  # a prompt of token ids
+    assert ended["stop_type"] == "eos" and ended["tokens_predicted"] < 200 and ended["tokens_evaluated"] == len(chat)
+
+
+def test_special_tokens_in_the_prompt_are_read_as_llama_server_reads_them(http):
+    chat = "<|im_start|>user\nHi<|im_end|>\n"
+    answer = native(http, {"prompt": chat, "n_predict": 1})
+    special = http.post("/tokenize", json={"content": chat, "add_special": True}).json()["count"]
+    as_text = http.post("/tokenize", json={"prompt": chat}).json()["count"]
+    assert answer["tokens_evaluated"] == special < as_text
+
+
+def test_the_stream_is_the_same_text_then_one_final_result_without_done(http):
+    body = {"prompt": PROMPT, "n_predict": 10, "temperature": 0, "ignore_eos": True, "return_tokens": True}
+    whole = native(http, body)
+    with http.stream("POST", "/completion", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and "data: [DONE]" not in lines
+    events = [json.loads(line[6:]) for line in lines]
+    *tokens, final = events
+    assert "".join(e["content"] for e in tokens) == whole["content"]
+    assert [t for e in tokens for t in e["tokens"]] == whole["tokens"] and len(whole["tokens"]) == 10
+    assert all(e["stop"] is False for e in tokens) and [e["tokens_predicted"] for e in tokens] == list(range(1, 11))
+    assert (final["stop"], final["content"], final["stop_type"], final["tokens_predicted"]) == (True, "", "limit", 10)
+    assert final["timings"]["predicted_n"] == 10
+
+
+def test_n_probs_gives_completion_probabilities_with_ids(http):
+    answer = native(http, {"prompt": PROMPT, "n_predict": 3, "temperature": 0, "n_probs": 4, "return_tokens": True})
+    probs = answer["completion_probabilities"]
+    assert [p["id"] for p in probs] == answer["tokens"]
+    for p in probs:
+        assert len(p["top_logprobs"]) == 4 and p["top_logprobs"][0]["id"] == p["id"]  # greedy: the likeliest
+        assert bytes(p["bytes"]).decode() == p["token"] and p["logprob"] == p["top_logprobs"][0]["logprob"] <= 0
+    assert "".join(p["token"] for p in probs) == answer["content"]
+
+
+def test_logit_bias_false_bans_a_token_and_response_fields_pick_the_answer(http):
+    first = native(http, {"prompt": PROMPT, "n_predict": 1, "temperature": 0, "return_tokens": True})
+    banned = native(http, {"prompt": PROMPT, "n_predict": 1, "temperature": 0, "return_tokens": True,
+                           "logit_bias": [[first["tokens"][0], False]]})
+    assert banned["tokens"] != first["tokens"]
+    picked = native(http, {"prompt": PROMPT, "n_predict": 2, "response_fields": ["content", "timings/predicted_n"]})
+    assert set(picked) == {"content", "timings/predicted_n"} and picked["timings/predicted_n"] == 2
+
+
+def test_json_schema_constrains_the_content(http):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+    answer = native(http, {"prompt": "Name a city as JSON: ", "n_predict": 40, "temperature": 0,
+                           "json_schema": schema})
+    assert isinstance(json.loads(answer["content"])["city"], str)
+
+
+@pytest.mark.parametrize("body, status, kind", [
+    ({"prompt": PROMPT, "n_probs": 50}, 400, "invalid_request_error"),
+    ({"prompt": PROMPT, "temperature": -1}, 400, "invalid_request_error"),
+    ({"prompt": "word " * 2000}, 400, "exceed_context_size_error"),
+    ({"prompt": ""}, 400, "invalid_request_error"),
+    ({"prompt": PROMPT, "model": "no-such-model"}, 404, "not_found_error"),
+])
+def test_bad_requests_get_llama_servers_error_shape(http, body, status, kind):
+    r = http.post("/completion", json=body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert (error["code"], error["type"]) == (status, kind) and error["message"]
+
+
+def test_a_bad_key_and_a_model_without_fim_tokens(server, http):
+    refused = httpx.post(server.root_url + "/completion", json={"prompt": PROMPT},
+                         headers={"Authorization": "Bearer wrong"})
+    assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    r = http.post("/infill", json={"input_prefix": "def f():\n    return ", "input_suffix": "\n"})
+    assert r.status_code == 400 and "Infill is not supported" in r.json()["error"]["message"]
+    missing = http.post("/infill", json={"input_suffix": "\n"})
+    assert missing.status_code == 400 and "input_prefix" in missing.json()["error"]["message"]

@@ -1,0 +1,84 @@
+"""llama-server's `POST /infill` (what llama.vim and llama.vscode send) on the tiny deepseek-coder GGUF, served in
+this process so the test sees the exact prompt tokens the real engine is given (tests/api/inprocess.py)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from deepserve.config import Settings
+from deepserve.fim import SNIPPET_SEPARATOR
+from tests.api.inprocess import serve_in_process
+
+CODER = "deepseek-ai/deepseek-coder-6.7b-instruct"
+KEY = "sk-infill-test"
+PREFIX = "def add(a, b):\n    return "
+SUFFIX = "\n\nprint(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def infill_server(tiny_ggufs, tmp_path_factory):
+    # A window past llama-server's 2,048-token batch, so that other files' snippets have room.
+    settings = Settings(api_keys=[KEY], parallel=2, ctx_size=4096, threads=1,
+                        data_dir=tmp_path_factory.mktemp("infill-data"))
+    with serve_in_process(settings, [(CODER, tiny_ggufs["deepseek-coder"])]) as (url, engines):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            yield http, engines[CODER]
+
+
+def text_tokens(coder, text: str) -> list[int]:
+    return coder.tokenize(text, add_special=False, parse_special=False)
+
+
+def test_infill_builds_the_fim_prompt_and_answers_as_llama_server(infill_server):
+    http, coder = infill_server
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6, "temperature": 0, "ignore_eos": True}
+    answer = http.post("/infill", json=body).json()
+    expected = coder.tokenize(f"<｜begin▁of▁sentence｜><｜fim▁begin｜>{PREFIX}<｜fim▁hole｜>{SUFFIX}<｜fim▁end｜>",
+                              add_special=False, parse_special=True)
+    assert coder.prompts[-1] == expected  # DeepSeek-Coder's FIM prompt, as /v1/completions with suffix builds it
+    v1 = http.post("/v1/completions", json={"model": CODER, "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 6,
+                                            "temperature": 0, "ignore_eos": True}).json()
+    assert answer["content"] == v1["choices"][0]["text"]
+    assert (answer["stop"], answer["stop_type"], answer["tokens_evaluated"], answer["tokens_predicted"]) == (
+        True, "limit", len(expected), 6)
+
+
+def test_the_prompt_goes_before_the_gap_and_snippets_before_everything(infill_server):
+    http, coder = infill_server
+    extra = [{"filename": "util.py", "text": "def helper():\n    pass\n"}]
+    http.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "a +", "n_predict": 1,
+                               "input_extra": extra})
+    prompt = coder.prompts[-1]
+    snippet = text_tokens(coder, SNIPPET_SEPARATOR) + text_tokens(coder, extra[0]["text"])
+    bos, begin, hole, end = coder.tokenize("<｜begin▁of▁sentence｜><｜fim▁begin｜><｜fim▁hole｜><｜fim▁end｜>",
+                                           add_special=False, parse_special=True)
+    assert prompt == [bos, *snippet, begin, *text_tokens(coder, PREFIX), *text_tokens(coder, "a +"), hole,
+                      *text_tokens(coder, SUFFIX), end]
+
+
+def test_a_long_prefix_keeps_its_end_as_llama_server_does(infill_server):
+    http, coder = infill_server
+    long_prefix = "x = 1\n" * 1000 + PREFIX
+    http.post("/infill", json={"input_prefix": long_prefix, "input_suffix": SUFFIX, "n_predict": 1})
+    prompt = coder.prompts[-1]
+    kept = text_tokens(coder, long_prefix)[-1536:]  # 3/4 of llama-server's 2,048-token batch
+    assert prompt[2:2 + len(kept)] == kept and len(prompt) == 2 + len(kept) + 1 + len(text_tokens(coder, SUFFIX)) + 1
+
+
+def test_streamed_infill(infill_server):
+    http, _ = infill_server
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 5, "temperature": 0, "ignore_eos": True}
+    whole = http.post("/infill", json=body).json()
+    with http.stream("POST", "/infill", json={**body, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    *tokens, final = [json.loads(e[6:]) for e in events]
+    assert "".join(t["content"] for t in tokens) == whole["content"] and final["stop"] is True
+
+
+def test_bad_input_extra_is_a_400(infill_server):
+    http, _ = infill_server
+    r = http.post("/infill", json={"input_prefix": "", "input_suffix": "", "input_extra": [{"filename": "a.py"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == 400
