@@ -89,8 +89,14 @@ class ServedModel:
     def text_prompt_tokens(self, prompt: str) -> list[int] | TextPrompt:
         if self.takes_text_prompts:
             return self.engine.text_prompt(prompt)
-        # A raw prompt is user text: special-token strings in it stay text.
-        return self.engine.tokenize(prompt, add_special=True, parse_special=False)
+        # Special-token strings in a raw prompt are those tokens, as vLLM and llama-server read them: a prompt
+        # written in the model's own format ("<|im_start|>user\n…", "<｜begin▁of▁sentence｜>User: …") works. A BOS
+        # written at its start is not doubled by the one the model adds.
+        tokens = self.engine.tokenize(prompt, add_special=True, parse_special=True)
+        if len(tokens) >= 2 and tokens[0] == tokens[1] and tokens[:1] == self.engine.tokenize(
+                "", add_special=True, parse_special=False):
+            del tokens[0]
+        return tokens
 
     def resolve_max_tokens(self, requested: int | None, num_prompt_tokens: int) -> int:
         """An omitted max_tokens means the catalog's default for this model (e.g. 100 for deepseek-r1-32b),

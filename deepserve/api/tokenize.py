@@ -35,6 +35,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_special: bool | None = None
+    parse_special: bool | None = None  # llama-server's: special-token strings as those tokens (default) or as text
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM: count the chat as a continuation of its last message
     with_pieces: bool = False
@@ -77,7 +78,8 @@ async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depen
         # vLLM adds the model's special tokens by default; llama-server's add_special defaults to false
         add = body.add_special_tokens if body.add_special_tokens is not None else \
             body.add_special if body.add_special is not None else body.content is None
-        tokens = model.engine.tokenize(texts[0], add_special=add, parse_special=body.content is not None)
+        parse = body.parse_special if body.parse_special is not None else True  # as prompts are read
+        tokens = model.engine.tokenize(texts[0], add_special=add, parse_special=parse)
     answer: dict[str, Any] = {"tokens": list(tokens), "count": len(tokens), "max_model_len": model.ctx_size}
     if body.with_pieces or body.return_token_strs:
         pieces = [model.engine.detokenize([t]) for t in tokens]

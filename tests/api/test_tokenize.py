@@ -34,3 +34,19 @@ def test_bad_input_and_bad_keys_are_refused(http, server):
     assert http.post("/tokenize", json={"prompt": "x", "content": "y"}).status_code == 400
     assert httpx.post(server.root_url + "/tokenize", json={"prompt": "x"},
                       headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_special_tokens_are_read_and_written_as_llama_server_and_vllm_do(http, client: openai.OpenAI, server):
+    """A raw prompt written in the model's own chat format is that chat: the same prompt tokens and the same greedy
+    answer as the chat request; /detokenize writes special tokens as their text."""
+    chat = http.post("/tokenize", json={"model": server.model, "messages": MESSAGES}).json()["tokens"]
+    text = http.post("/detokenize", json={"model": server.model, "tokens": chat}).json()["prompt"]
+    assert text.count("<|im_start|>") == 3 and text.endswith("<|im_start|>assistant\n")
+    as_chat = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=8, temperature=0)
+    as_text = client.completions.create(model=server.model, prompt=text, max_tokens=8, temperature=0)
+    assert as_text.usage.prompt_tokens == as_chat.usage.prompt_tokens == len(chat)
+    assert as_text.choices[0].text == as_chat.choices[0].message.content
+    literal = http.post("/tokenize", json={"content": "<|im_start|>", "parse_special": False}).json()
+    assert literal["count"] > 1  # llama-server's parse_special false: the marker as plain text
+    pieces = http.post("/tokenize", json={"content": "<|im_start|>user", "with_pieces": True}).json()["tokens"]
+    assert pieces[0]["piece"] == "<|im_start|>"

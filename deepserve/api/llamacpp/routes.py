@@ -38,14 +38,11 @@ def _model(request: Request, model_id: str | None) -> ServedModel:
 @router.post("/completion", summary="llama-server's completion (raw prompt, its fields and answer)")
 async def completion(body: NativeCompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model = _model(request, body.model)
-    if model.takes_text_prompts:
-        if not isinstance(body.prompt, str):
-            raise InvalidRequestError("This model is served by an upstream engine: send the prompt as text.",
-                                      param="prompt")
-        prompt: list[int] | TextPrompt = model.text_prompt_tokens(body.prompt)
-    elif isinstance(body.prompt, str):
-        # llama-server reads special tokens in a raw prompt ("<|im_start|>user...") and adds BOS.
-        prompt = model.engine.tokenize(body.prompt, add_special=True, parse_special=True)
+    if isinstance(body.prompt, str):
+        prompt: list[int] | TextPrompt = model.text_prompt_tokens(body.prompt)  # special tokens read, as there
+    elif model.takes_text_prompts:
+        raise InvalidRequestError("This model is served by an upstream engine: send the prompt as text.",
+                                  param="prompt")
     else:
         prompt = list(body.prompt)
     if not len(prompt):

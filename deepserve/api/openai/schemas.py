@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from deepserve.chat_options import ChatOptions
 from deepserve.engine.types import Generation, SamplingParams
@@ -69,7 +69,9 @@ class _SamplingFields(_Lenient):
     n: int = Field(1, ge=1, le=MAX_N)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    # llama-server's clients name it repeat_penalty, on its OpenAI routes too
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0,
+                                      validation_alias=AliasChoices("repetition_penalty", "repeat_penalty"))
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias in [-100, 100]
     user: str | None = None

@@ -163,8 +163,9 @@ class LlamaCppEngine:
         return self.runner.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
-        """The text of prompt tokens (echo of a token-id prompt); ids outside the vocabulary give nothing."""
-        pieces = b"".join(self.runner.token_piece(t) for t in tokens if 0 <= t < self.runner.num_vocab)
+        """The text of prompt tokens (echo of a token-id prompt, /detokenize), special tokens written as their text
+        (`<|im_start|>`), as llama-server and vLLM detokenize; ids outside the vocabulary give nothing."""
+        pieces = b"".join(self.runner.token_piece(t, special=True) for t in tokens if 0 <= t < self.runner.num_vocab)
         return pieces.decode("utf-8", errors="replace")
 
     def fim_token_ids(self) -> tuple[int, int, int] | None:

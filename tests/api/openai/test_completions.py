@@ -166,3 +166,12 @@ def test_several_prompts_stream_interleaved_as_they_are_computed(client: openai.
         for choice in chunk.choices:
             texts[choice.index] += choice.text
     assert [texts[0], texts[1]] == [c.text for c in full.choices]
+
+
+def test_llama_servers_repeat_penalty_is_repetition_penalty(client, server):
+    def text(**extra) -> str:
+        return client.completions.create(model=server.model, prompt="1, 1, 1, 1, 1, 1,", max_tokens=16,
+                                         temperature=0, extra_body=extra).choices[0].text
+
+    penalised = text(repetition_penalty=1.5)
+    assert text(repeat_penalty=1.5) == penalised != text()

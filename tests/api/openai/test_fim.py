@@ -119,3 +119,13 @@ def test_the_bundled_model_has_no_fim_tokens(client: openai.OpenAI, server):
         client.completions.create(model=server.model, prompt=PREFIX, suffix=SUFFIX, max_tokens=1)
     assert info.value.status_code == 400 and info.value.body["param"] == "suffix"
     assert "does not support fill-in-the-middle" in info.value.body["message"]
+
+
+def test_a_bos_written_at_the_start_of_a_raw_prompt_is_not_doubled(fim_server):
+    client, engines = fim_server
+    coder = engines[CODER]
+    [bos] = coder.tokenize("", add_special=True, parse_special=False)
+    client.completions.create(model=CODER, prompt="<｜begin▁of▁sentence｜>def add(", max_tokens=1)
+    written = coder.prompts[-1]
+    client.completions.create(model=CODER, prompt="def add(", max_tokens=1)
+    assert written == coder.prompts[-1] and written[0] == bos and written[1] != bos
