@@ -30,6 +30,11 @@ from deepserve.observability.requests import observe_streams
 from deepserve.templates.chat import ChatTemplate
 
 
+# Where the last message's text goes when a chat continues it: private-use characters, which no template writes,
+# trims or rewrites.
+CONTINUE_MARK = "\ue000deepserve:continue\ue001"
+
+
 @dataclass
 class ServedModel:
     model_id: str
@@ -59,26 +64,38 @@ class ServedModel:
         from deepserve.reasoning import open_reasoning, strip_reasoning_history  # earlier reasoning never goes back in
 
         history = strip_reasoning_history(messages)
-        prefix = messages[-1].get("content") or ""
+        prefix = self._text_to_continue(messages[-1]) if generation is Generation.CONTINUE else ""
         if generation is Generation.CONTINUE and not prefix:  # nothing written yet: the assistant's turn opened
             history, generation = history[:-1], Generation.OPEN
         if generation is Generation.CONTINUE:
-            history[-1] = {**history[-1], "content": prefix}  # the text to continue, <think> and all
+            # The chat rendered with a mark for the last message's text, cut at the mark, then the text as it was
+            # given: what the template writes after a message (its end of turn) is left out, as vLLM's
+            # continue_final_message does, and a template that trims or rewrites messages does not touch the text.
+            history[-1] = {**history[-1], "content": CONTINUE_MARK}
             text = self.template.render(history, add_generation_prompt=False, **template_kwargs)
-            # The chat up to the end of that text: what the template writes after a message (its end-of-turn
-            # marker) is cut, as vLLM does for continue_final_message. A template that trims messages keeps
-            # only the trimmed text to continue.
-            for continued in (prefix, prefix.rstrip()):
-                end = text.rfind(continued) if continued else -1
-                if end >= 0:
-                    return text[:end + len(continued)]
-            raise InvalidRequestError(f"The chat template of {self.model_id} rewrites the last message, so it "
-                                      "cannot be continued (prefix).", param="messages")
+            at = text.rfind(CONTINUE_MARK)
+            if at < 0:
+                raise InvalidRequestError(f"The chat template of {self.model_id} drops the last message, so it "
+                                          "cannot be continued (prefix).", param="messages")
+            return text[:at] + prefix
         text = self.template.render(history, add_generation_prompt=generation is not Generation.NONE,
                                     **template_kwargs)
         if generation is not Generation.NONE and self.catalog is not None and self.catalog.reasoning:
             text = open_reasoning(text)  # an older R1 template leaves the <think> block to the model
         return text
+
+    def _text_to_continue(self, message: dict[str, Any]) -> str:
+        """The last message's text as the model continues it. A reasoning model's `reasoning_content` (DeepSeek's
+        prefix completion on deepseek-reasoner) leads it in a <think> block: left open when there is no answer
+        text yet (the reasoning goes on), closed before the answer text otherwise."""
+        from deepserve.reasoning import CLOSE_TAG, OPEN_TAG
+
+        content = message.get("content") or ""
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if not reasoning or not isinstance(reasoning, str) or self.catalog is None or not self.catalog.reasoning:
+            return content
+        thought = f"{OPEN_TAG}\n{reasoning}"
+        return f"{thought}\n{CLOSE_TAG}\n\n{content}" if content else thought
 
     def upstream_chat_prompt(self, messages: list[dict[str, Any]], **fields: Any) -> TextPrompt:
         """The chat for an upstream engine, with its tools (tools, tool_choice, parallel_tool_calls) as given."""

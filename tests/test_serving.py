@@ -102,8 +102,22 @@ def test_how_a_chat_prompt_ends():
     trimming = ServedModel(model_id="t", engine=_Engine(), template=ChatTemplate(
         "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>{% endfor %}"))
     trimmed = trimming.chat_prompt_text([question, {"role": "assistant", "content": "Hello \n"}], Generation.CONTINUE)
-    assert trimmed == "<user>Hi</user><assistant>Hello"  # the template's own trim, without its end of turn
-    rewriting = ServedModel(model_id="t", engine=_Engine(), template=ChatTemplate(
-        "{% for m in messages %}{{ m.content | upper }}{% endfor %}"))
+    assert trimmed == "<user>Hi</user><assistant>Hello \n"  # the text as given, without the end of turn
+    dropping = ServedModel(model_id="t", engine=_Engine(), template=ChatTemplate(
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"))
     with pytest.raises(InvalidRequestError, match="cannot be continued"):
-        rewriting.chat_prompt_text([question, {"role": "assistant", "content": "Hello"}], Generation.CONTINUE)
+        dropping.chat_prompt_text([question, {"role": "assistant", "content": "Hello"}], Generation.CONTINUE)
+
+
+def test_a_reasoning_models_prefix_continues_its_reasoning_or_its_answer():
+    """DeepSeek's prefix completion with reasoning_content: the thought goes on (no answer yet), or the answer
+    follows the closed thought."""
+    model, question = _r1(), {"role": "user", "content": "Hi"}
+    thinking = {"role": "assistant", "content": "", "reasoning_content": "The user greets me."}
+    assert model.chat_prompt_text([question, thinking], Generation.CONTINUE).endswith(
+        "<｜User｜>Hi<｜Assistant｜><think>\nThe user greets me.")
+    answering = {**thinking, "content": "Hello"}
+    assert model.chat_prompt_text([question, answering], Generation.CONTINUE).endswith(
+        "<｜Assistant｜><think>\nThe user greets me.\n</think>\n\nHello")
+    plain = served("m")  # a model that does not reason: only the answer text is continued
+    assert plain.chat_prompt_text([question, answering], Generation.CONTINUE).endswith("assistant\nHello")

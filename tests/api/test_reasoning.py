@@ -147,6 +147,35 @@ def test_earlier_reasoning_is_not_sent_back_to_the_model(oai):
     assert prompt_tokens({"role": "assistant", "content": "Four.", "reasoning_content": "Long thoughts."}) == plain
 
 
+def test_prefix_completion_continues_the_reasoning_or_the_answer(oai, http):
+    """DeepSeek's prefix completion on a reasoning model: reasoning_content on the last assistant message is a
+    thought to go on with (everything generated is reasoning while no answer is written), and with content too,
+    the answer goes on after the closed thought."""
+    thought = "Two plus two"
+    thinking = {"role": "assistant", "content": "", "reasoning_content": thought, "prefix": True}
+    r = oai.chat.completions.create(model=MODEL, messages=[*MESSAGES, thinking], temperature=0, max_tokens=5,
+                                    extra_body={"reasoning_format": "deepseek", "ignore_eos": True,
+                                                "logit_bias": {str(think_close(http)): -100}})
+    assert r.usage.completion_tokens_details.reasoning_tokens == 5 and r.choices[0].message.content == ""
+    assert not message_extra(r, "reasoning_content").startswith(thought)  # only what follows the given thought
+    assert prompt_text(http, [*MESSAGES, thinking]).endswith(f"<｜Assistant｜><think>\n{thought}")
+    answering = {**thinking, "content": "The answer is"}
+    r = oai.chat.completions.create(model=MODEL, messages=[*MESSAGES, answering], temperature=0, max_tokens=5,
+                                    extra_body={"reasoning_format": "deepseek", "ignore_eos": True})
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0 and not message_extra(r, "reasoning_content")
+    assert prompt_text(http, [*MESSAGES, answering]).endswith(f"<think>\n{thought}\n</think>\n\nThe answer is")
+
+
+def prompt_text(http: httpx.Client, messages: list[dict]) -> str:
+    tokens = http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    return http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"]
+
+
+def think_close(http: httpx.Client) -> int:
+    (token,) = http.post("/tokenize", json={"model": MODEL, "content": "</think>"}).json()["tokens"]
+    return token
+
+
 def sse_payloads(r: httpx.Response) -> list:
     data = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"

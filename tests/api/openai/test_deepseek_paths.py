@@ -56,7 +56,7 @@ def test_prefix_completion_continues_the_assistant_message(server, http):
     continued = _prompt(http, server, prefixed, continue_final_message=True)
     assert continued[:len(opened)] == opened and _text(http, server, continued[len(opened):]) == PREFIX
     closed = _prompt(http, server, [QUESTION], add_generation_prompt=False)
-    assert opened[:len(closed)] == closed and _text(http, server, opened[len(closed):]) == "assistant\n"
+    assert opened[:len(closed)] == closed and _text(http, server, opened[len(closed):]) == "<|im_start|>assistant\n"
 
     client = sdk(server, "/beta")
     chat = client.chat.completions.create(model=server.model, messages=prefixed, max_tokens=12, temperature=0)
