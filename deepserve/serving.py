@@ -433,16 +433,20 @@ async def metered_generate_many(
     charge: Charge | None = None
     if meter is not None and principal is not None and principal.is_metered:
         prices = model.catalog.prices if model.catalog is not None else None
+        num_sequences = n * len(prompts)
         try:
             reservation = await meter.reserve(
                 principal, model_names=names,
                 catalog_prices=TokenPrices(prices.input, prices.cached_input, prices.output) if prices else None,
                 num_prompt_tokens=sum(len(tokens) for tokens in prompts),
-                max_completion_tokens=sampling.max_tokens * n * len(prompts),
+                max_completion_tokens=sampling.max_tokens * num_sequences,
+                min_completion_tokens=num_sequences if sampling.max_tokens_fits_balance else None,
             )
         except InsufficientBalanceError as error:
             request.state.remaining_nanodollars = getattr(error, "available_nanodollars", None)
             raise
+        # A default max_tokens the balance did not cover: as many tokens each as it does.
+        sampling.max_tokens = min(sampling.max_tokens, reservation.max_completion_tokens // num_sequences)
         request.state.remaining_nanodollars = reservation.available_after
         request.state.ratelimit_headers = reservation.rate_headers
         charge = Charge(

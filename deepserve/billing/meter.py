@@ -101,12 +101,14 @@ class Meter:
         catalog_prices: TokenPrices | None,
         num_prompt_tokens: int,
         max_completion_tokens: int,
+        min_completion_tokens: int | None = None,
     ) -> Reservation:
         return await self.db.run(
             sql.reserve, instance_id=self.instance_id, account_id=principal.account_id, key_id=principal.key_id,
             rpm_limit=principal.rpm_limit, tpm_limit=principal.tpm_limit, model_names=model_names,
             catalog_prices=catalog_prices, num_prompt_tokens=num_prompt_tokens,
-            max_completion_tokens=max_completion_tokens, now_ms=int(time.time() * 1000),
+            max_completion_tokens=max_completion_tokens, min_completion_tokens=min_completion_tokens,
+            now_ms=int(time.time() * 1000),
         )
 
     async def settle(self, reservation: Reservation, usage: Usage, endpoint: str) -> int | None:

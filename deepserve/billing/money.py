@@ -49,6 +49,15 @@ def worst_case_cost(prices: TokenPrices, *, num_prompt: int, max_completion: int
     return _ceil_div(total, TOKENS_PER_PRICE_UNIT)
 
 
+def affordable_completion(prices: TokenPrices, *, num_prompt: int, available: int) -> int | None:
+    """The most completion tokens whose worst case `available` covers beside the prompt (None: not even the
+    prompt; any number when output is free)."""
+    room = available * TOKENS_PER_PRICE_UNIT - num_prompt * max(prices.input, prices.cached_input)
+    if room < 0:
+        return None
+    return room // prices.output if prices.output else 2**62
+
+
 def dollars(nanodollars: int, *, min_decimals: int = 2) -> str:
     """12.5 USD -> "12.50"; 0.000001234 USD -> "0.000001234": exact (integers), cents always shown."""
     sign = "-" if nanodollars < 0 else ""

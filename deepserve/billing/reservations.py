@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from deepserve.billing import ratelimit
 from deepserve.billing.accounts import price_of
 from deepserve.billing.db import READONLY
-from deepserve.billing.money import TokenPrices, cost, dollars, worst_case_cost
+from deepserve.billing.money import TokenPrices, affordable_completion, cost, dollars, worst_case_cost
 from deepserve.billing.tables import (
     Account,
     IdempotencyRecord,
@@ -115,12 +115,25 @@ def reserve(
     num_prompt_tokens: int,
     max_completion_tokens: int,
     now_ms: int,
+    min_completion_tokens: int | None = None,
 ) -> Reservation:
     """Hold the request's worst-case cost, or raise InsufficientBalanceError / RateLimitError having changed
-    nothing. `model_names`: the served id first, then the catalog's names, for the operator's price."""
+    nothing. `model_names`: the served id first, then the catalog's names, for the operator's price. With
+    `min_completion_tokens`, fewer completion tokens than `max_completion_tokens` (not fewer than that) are
+    reserved when the balance does not cover them all: the reservation's max_completion_tokens says how many."""
     with engine.begin() as conn:
         prices = price_of(conn, model_names, catalog_prices)
         amount = worst_case_cost(prices, num_prompt=num_prompt_tokens, max_completion=max_completion_tokens)
+        if min_completion_tokens is not None:
+            available = conn.execute(
+                sa.select(accounts.c.balance - accounts.c.reserved).where(accounts.c.id == account_id)
+            ).scalar_one()
+            if amount > available:
+                affordable = affordable_completion(prices, num_prompt=num_prompt_tokens, available=available)
+                if affordable is not None and affordable >= min_completion_tokens:
+                    max_completion_tokens = min(max_completion_tokens, affordable)
+                    amount = worst_case_cost(prices, num_prompt=num_prompt_tokens,
+                                             max_completion=max_completion_tokens)
         rate_headers: dict[str, str] = {}
         if key_id is not None and (rpm_limit or tpm_limit):
             state = ratelimit.admit(conn, key_id, rpm_limit, tpm_limit, num_prompt_tokens + max_completion_tokens,

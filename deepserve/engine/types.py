@@ -89,6 +89,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     max_tokens: int = 256
+    # max_tokens is a default, not the client's: a metered request may get fewer, as many as its balance covers,
+    # rather than a 402 for a worst case the client never asked for (OpenRouter does the same).
+    max_tokens_fits_balance: bool = False
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False

@@ -75,6 +75,25 @@ def test_the_openai_sdk_sees_deepseeks_402(billed):
     assert completions.value.status_code == 402
 
 
+def test_a_default_max_tokens_is_what_the_balance_covers_rather_than_a_402(billed):
+    """A client that leaves max_tokens out (DeepSeek's usually do) would be reserved for the whole window: it gets
+    as many tokens as its balance covers instead (finish_reason length), and never a balance below zero; a
+    max_tokens it asked for is still held in full (402)."""
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    with httpx.Client(base_url=billed.url, headers={"Authorization": f"Bearer {OPERATOR_KEY}"}, timeout=60) as http:
+        num_prompt = http.post("/tokenize", json={"model": billed.model, "messages": messages}).json()["count"]
+    credits = num_prompt * 1000 + 5 * 2000  # PRICE: the prompt and five completion tokens, at worst
+    client = openai.OpenAI(base_url=billed.url + "/v1", api_key=billed.new_key("thrifty", credits), max_retries=0)
+    with pytest.raises(openai.APIStatusError) as asked:
+        client.chat.completions.create(model=billed.model, messages=messages, max_tokens=50)
+    assert asked.value.status_code == 402
+    r = client.chat.completions.create(model=billed.model, messages=messages, extra_body={"ignore_eos": True})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 5)
+    account = billed.account("thrifty")
+    assert account["balance_nanodollars"] == credits - charge_of(r.usage.model_dump()) >= 0
+    assert account["reserved_nanodollars"] == 0
+
+
 @pytest.fixture()
 def flat_prompt_price(billed):
     """Cached prompt tokens at the full input price: Workers AI and Dataoorts report no cached count, and their

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
 import sqlalchemy as sa
 
 from deepserve.api.auth import Principal
@@ -16,6 +17,7 @@ from deepserve.billing.db import Database
 from deepserve.billing.meter import Charge, Meter
 from deepserve.billing.money import TokenPrices, cost
 from deepserve.engine.types import FinishReason, GenerateRequest, SamplingParams, TokenDelta
+from deepserve.errors import InsufficientBalanceError
 from tests.billing.conftest import count
 
 PRICES = TokenPrices(input=1_000_000_000, cached_input=250_000_000, output=2_000_000_000)
@@ -224,5 +226,30 @@ def test_a_settle_the_database_refused_is_kept_and_retried_until_it_lands(db_url
             assert len(m.usage_rows()) == 1 and m.account().balance == GRANT - row.cost
             balance, ledger_sum = accounts.check_ledger(m.db.engine, m.account_id)
             assert balance == ledger_sum
+
+    asyncio.run(scenario())
+
+
+def test_a_flexible_reservation_holds_what_the_balance_covers_and_no_less_than_its_minimum(db_url):
+    """PRICES: 1,000 nano-dollars a prompt token, 2,000 a completion token; GRANT covers 10 prompt tokens and
+    499,995 completion tokens at worst."""
+    async def scenario() -> None:
+        async with Metered(db_url) as m:
+            principal = Principal("test key", account_id=m.account_id)
+
+            async def reserve(max_completion: int, minimum: int | None) -> int:
+                reservation = await m.meter.reserve(principal, model_names=("m",), catalog_prices=PRICES,
+                                                    num_prompt_tokens=10, max_completion_tokens=max_completion,
+                                                    min_completion_tokens=minimum)
+                await m.meter.release(reservation)
+                return reservation.max_completion_tokens
+
+            assert await reserve(1000, 1) == 1000  # covered: as asked
+            assert await reserve(10**6, 1) == 499_995  # not covered: what the balance covers
+            with pytest.raises(InsufficientBalanceError):  # a max_tokens the client asked for: in full or refused
+                await reserve(10**6, None)
+            with pytest.raises(InsufficientBalanceError):  # fewer than the minimum: refused
+                await reserve(10**7, 500_000)
+            assert (m.account().balance, m.account().reserved) == (GRANT, 0)
 
     asyncio.run(scenario())

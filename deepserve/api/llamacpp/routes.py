@@ -69,9 +69,10 @@ async def _answer(request: Request, model: ServedModel, body: NativeCompletionRe
     omitted = {"max_tokens"} if body.requested_max_tokens is None else set()
     sampling = apply_model_defaults(model, body.to_sampling(max_tokens, tokenize), omitted=omitted,
                                     num_prompt_tokens=len(prompt))
-    settings = _settings(body, sampling.max_tokens)
+    sampling.max_tokens_fits_balance = body.requested_max_tokens is None
     timings = render.Timings()
     stream = await metered_generate(request, model, prompt, sampling)
+    settings = _settings(body, sampling.max_tokens)  # what billing left of a default n_predict
     prompt_text = _prompt_text(model, prompt, body)
     if body.stream:
         return sse.sse_response(_events(stream, body, model.model_id, prompt_text, timings, settings))

@@ -107,6 +107,7 @@ async def chat_completion_response(body: ChatCompletionRequest, model: ServedMod
     sampling = chat.configure(model, body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens,
                                                                                len(prompt_tokens))),
                               omitted=body.omitted_sampling())
+    sampling.max_tokens_fits_balance = body.requested_max_tokens is None
     stream = await metered_generate(request, model, prompt_tokens, sampling, body.n)
     response_id = render.new_id("chatcmpl")
     if body.stream:
@@ -172,6 +173,7 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
     longest = max(len(t) for t in token_lists)
     sampling = apply_model_defaults(model, body.to_sampling(model.resolve_max_tokens(body.max_tokens, longest)),
                                     omitted=body.omitted_sampling())
+    sampling.max_tokens_fits_balance = "max_tokens" not in body.model_fields_set
     streams = await metered_generate_many(request, model, token_lists, sampling, body.n)
     response_id = render.new_id("cmpl")
     prefixes = [texts[i // body.n] if body.echo else "" for i in range(len(prompts) * body.n)]
