@@ -10,12 +10,12 @@ SamplingParams.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from deepserve.engine.types import Generation, GrammarSpec, ReasoningFormat, ReasoningParams, SamplingParams, TextPrompt
 from deepserve.errors import InvalidRequestError
-from deepserve.reasoning import EFFORT_BUDGETS, budget_for
+from deepserve.reasoning import EFFORT_BUDGETS, OPEN_TAG, budget_for, prompt_reasoning_prefix
 from deepserve.structured import response_format_grammar
 from deepserve.tools import MARKERS, check_tools, prepare_tool_messages, tool_call_grammar, tool_format_for
 
@@ -122,6 +122,9 @@ def prepare_chat(model: Any, messages: list[dict[str, Any]], options: ChatOption
                                         parallel=forced == "*" and options.parallel_tool_calls is not False,
                                         single_tokens=single_tokens(model, MARKERS))
     prompt_tokens = model.chat_prompt_tokens(messages, generation=options.generation, **template_kwargs)
+    if options.generation is Generation.CONTINUE and prompt_reasoning_prefix(model.text_to_continue(messages[-1])):
+        # The continued message is a thought still open (<think> without </think>), however long it is.
+        reasoning = replace(reasoning, opened=OPEN_TAG + "\n")
     return PreparedChat(prompt_tokens=prompt_tokens, reasoning=reasoning, grammar=grammar, tool_format=tool_format)
 
 

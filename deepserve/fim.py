@@ -64,15 +64,17 @@ def fim_prompt_tokens(model: ServedModel, prefix: str | list[int], suffix: str) 
 
 # llama-server fits the code around the gap in one batch of its default size, 3:1 before and after the gap.
 INFILL_BATCH = 2048
+INFILL_ROOM = 256  # output tokens the snippets leave room for when the request names no n_predict
 SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for models without a file separator token
 
 
 def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: list[tuple[str, str]], prompt: str,
-                         max_tokens: int) -> list[int]:
-    """llama-server's /infill prompt (format_prompt_infill): other files' text (`extra`: (filename, text)) as
-    snippets, then [BOS] FIM_PRE prefix prompt FIM_SUF suffix FIM_MID. The prefix keeps its last 1,536 tokens and
-    the suffix its first 512 less the prompt's, as llama-server's default batch does; the snippets fill what the
-    window has left after a batch and twice `max_tokens`, keeping their ends."""
+                         max_tokens: int | None) -> list[int]:
+    """llama-server's /infill prompt (format_prompt_infill): [BOS], other files' text (`extra`: (filename, text))
+    as snippets, then FIM_PRE prefix prompt FIM_SUF suffix FIM_MID (llama-server puts the snippets before BOS).
+    The prefix keeps its last 1,536 tokens and the suffix its first 512 less the prompt's, as llama-server's
+    default batch does; the snippets fill what the window has left after a batch and twice `max_tokens`
+    (INFILL_ROOM when None), never more than leaves `max_tokens` of room after the whole prompt; their ends kept."""
     ids = fim_token_ids(model)
     if ids is None:
         raise InvalidRequestError(f"Infill is not supported by the model `{model.model_id}`: its vocabulary has no "
@@ -89,6 +91,9 @@ def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: li
     snippets: list[int] = []
     for _filename, text in extra:  # deepseek-coder has no file separator token: snippets are marked in text
         snippets += tokens(SNIPPET_SEPARATOR) + tokens(text)
-    take = min(max(0, model.ctx_size - INFILL_BATCH - 2 * max_tokens), len(snippets))
     bos = engine.tokenize("", add_special=True, parse_special=False)
-    return [*bos, *snippets[len(snippets) - take:], pre, *before, *written, suf, *after, mid]
+    core = [pre, *before, *written, suf, *after, mid]
+    room = INFILL_ROOM if max_tokens is None else max_tokens
+    take = min(len(snippets), max(0, model.ctx_size - INFILL_BATCH - 2 * room),
+               max(0, model.ctx_size - len(bos) - len(core) - room))
+    return [*bos, *snippets[len(snippets) - take:], *core]

@@ -64,7 +64,7 @@ class ServedModel:
         from deepserve.reasoning import open_reasoning, strip_reasoning_history  # earlier reasoning never goes back in
 
         history = strip_reasoning_history(messages)
-        prefix = self._text_to_continue(messages[-1]) if generation is Generation.CONTINUE else ""
+        prefix = self.text_to_continue(messages[-1]) if generation is Generation.CONTINUE else ""
         if generation is Generation.CONTINUE and not prefix:  # nothing written yet: the assistant's turn opened
             history, generation = history[:-1], Generation.OPEN
         if generation is Generation.CONTINUE:
@@ -84,7 +84,7 @@ class ServedModel:
             text = open_reasoning(text)  # an older R1 template leaves the <think> block to the model
         return text
 
-    def _text_to_continue(self, message: dict[str, Any]) -> str:
+    def text_to_continue(self, message: dict[str, Any]) -> str:
         """The last message's text as the model continues it. A reasoning model's `reasoning_content` (DeepSeek's
         prefix completion on deepseek-reasoner) leads it in a <think> block: left open when there is no answer
         text yet (the reasoning goes on), closed before the answer text otherwise."""
@@ -101,6 +101,8 @@ class ServedModel:
         """The chat for an upstream engine, with its tools (tools, tool_choice, parallel_tool_calls) as given."""
         from deepserve.reasoning import strip_reasoning_history
 
+        if fields.get("generation") is Generation.CONTINUE:  # the message to continue goes as it was given
+            return self.engine.chat_prompt(strip_reasoning_history(messages[:-1]) + messages[-1:], **fields)
         return self.engine.chat_prompt(strip_reasoning_history(messages), **fields)
 
     def text_prompt_tokens(self, prompt: str) -> list[int] | TextPrompt:

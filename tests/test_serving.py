@@ -121,3 +121,21 @@ def test_a_reasoning_models_prefix_continues_its_reasoning_or_its_answer():
         "<｜Assistant｜><think>\nThe user greets me.\n</think>\n\nHello")
     plain = served("m")  # a model that does not reason: only the answer text is continued
     assert plain.chat_prompt_text([question, answering], Generation.CONTINUE).endswith("assistant\nHello")
+
+
+@dataclass
+class _Upstream(_Engine):
+    takes_text_prompts: bool = True
+
+    def chat_prompt(self, messages, **fields):
+        return messages, fields
+
+
+def test_an_upstream_gets_the_message_to_continue_as_it_was_given():
+    model = ServedModel(model_id="up", engine=_Upstream(), template=None)
+    history = {"role": "assistant", "content": "<think>\nold\n</think>\n\nFour.", "reasoning_content": "old"}
+    last = {"role": "assistant", "content": "<think>\nSo far \n", "reasoning_content": "thought", "prefix": True}
+    messages, fields = model.chat_prompt_tokens([{"role": "user", "content": "Hi"}, history, last],
+                                                generation=Generation.CONTINUE)
+    assert messages[-1] == last and fields["generation"] is Generation.CONTINUE
+    assert messages[1] == {"role": "assistant", "content": "Four."}  # earlier reasoning still goes

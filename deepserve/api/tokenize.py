@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from deepserve.api.auth import Principal, require_bearer
 from deepserve.api.openai.schemas import ChatCompletionRequest, ChatMessage
@@ -32,7 +32,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     content: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None
     add_special: bool | None = None
     parse_special: bool | None = None  # llama-server's: special-token strings as those tokens (default) or as text

@@ -63,11 +63,14 @@ class ReasoningParams:
 
     `enabled`: the model reasons (its catalog entry says so). Even when False, the engine parses reasoning
     if the rendered prompt ends inside `<think>` (the template opened it). `budget`: most reasoning tokens
-    before the engine closes the block itself (None: no limit)."""
+    before the engine closes the block itself (None: no limit). `opened`: the prompt ends inside a `<think>`
+    block the request wrote, however long (a continued message, DeepSeek's prefix): the tag, as raw output
+    starts with it."""
 
     enabled: bool = True
     format: ReasoningFormat = ReasoningFormat.DEEPSEEK
     budget: int | None = None
+    opened: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -151,8 +151,8 @@ def test_prefix_completion_continues_the_reasoning_or_the_answer(oai, http):
     """DeepSeek's prefix completion on a reasoning model: reasoning_content on the last assistant message is a
     thought to go on with (everything generated is reasoning while no answer is written), and with content too,
     the answer goes on after the closed thought."""
-    thought = "Two plus two"
-    thinking = {"role": "assistant", "content": "", "reasoning_content": thought, "prefix": True}
+    thought = "Two plus two is a sum of two numbers, and the quick brown fox jumps over the lazy dog. " * 4
+    thinking = {"role": "assistant", "content": "", "reasoning_content": thought, "prefix": True}  # ~100 tokens
     r = oai.chat.completions.create(model=MODEL, messages=[*MESSAGES, thinking], temperature=0, max_tokens=5,
                                     extra_body={"reasoning_format": "deepseek", "ignore_eos": True,
                                                 "logit_bias": {str(think_close(http)): -100}})

@@ -32,6 +32,7 @@ def test_bad_input_and_bad_keys_are_refused(http, server):
     assert http.post("/detokenize", json={"tokens": [10**7]}).json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"model": "no-such-model", "prompt": "x"}).status_code == 404
     assert http.post("/tokenize", json={"prompt": "x", "content": "y"}).status_code == 400
+    assert http.post("/tokenize", json={"messages": []}).json()["error"]["param"] == "messages"
     assert httpx.post(server.root_url + "/tokenize", json={"prompt": "x"},
                       headers={"Authorization": "Bearer wrong"}).status_code == 401
 

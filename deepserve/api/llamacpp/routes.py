@@ -56,9 +56,9 @@ async def infill(body: InfillRequest, request: Request, _: Principal = Depends(r
     if model.takes_text_prompts:
         raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine, which builds "
                                   "its own infill prompt: send /infill there.", param="model")
-    budget = body.requested_max_tokens if body.requested_max_tokens is not None else -1
     prompt = infill_prompt_tokens(model, body.input_prefix, body.input_suffix,
-                                  [(c.filename, c.text) for c in body.input_extra], body.prompt, budget)
+                                  [(c.filename, c.text) for c in body.input_extra], body.prompt,
+                                  body.requested_max_tokens)
     return await _answer(request, model, body, prompt)
 
 
@@ -75,7 +75,8 @@ async def _answer(request: Request, model: ServedModel, body: NativeCompletionRe
     settings = _settings(body, sampling.max_tokens)  # what billing left of a default n_predict
     prompt_text = _prompt_text(model, prompt, body)
     if body.stream:
-        return sse.sse_response(_events(stream, body, model.model_id, prompt_text, timings, settings))
+        known = 0 if isinstance(prompt, TextPrompt) else len(prompt)  # an upstream's count comes with its tokens
+        return sse.sse_response(_events(stream, body, model.model_id, prompt_text, timings, settings, known))
     choice = ChoiceResult(index=0)
     async with contextlib.aclosing(stream):
         async for _, delta in stream:
@@ -92,11 +93,14 @@ async def _answer(request: Request, model: ServedModel, body: NativeCompletionRe
 
 
 async def _events(stream: AsyncIterator[tuple[int, TokenDelta]], body: NativeCompletionRequest, model_id: str,
-                  prompt_text: str, timings: render.Timings, settings: dict[str, Any]) -> AsyncIterator[bytes]:
+                  prompt_text: str, timings: render.Timings, settings: dict[str, Any],
+                  num_prompt_tokens: int) -> AsyncIterator[bytes]:
     """One event a token (its text, id and probabilities), then the final result; no [DONE], as llama-server."""
     choice = ChoiceResult(index=0)
+    num_prompt = num_prompt_tokens
     async with contextlib.aclosing(stream):
         async for _, delta in stream:
+            num_prompt = delta.num_prompt_tokens or num_prompt  # an upstream tells its count as it goes
             if delta.error is not None:
                 yield sse.event(render.error_body(500, f"The engine failed while generating: {delta.error}",
                                                   "server_error"))
@@ -107,7 +111,7 @@ async def _events(stream: AsyncIterator[tuple[int, TokenDelta]], body: NativeCom
             if delta.text or delta.token_ids:
                 event = {"index": 0, "content": delta.text, "tokens": list(delta.token_ids), "stop": False,
                          "id_slot": render.NO_SLOT, "tokens_predicted": len(choice.token_ids),
-                         "tokens_evaluated": delta.num_prompt_tokens}
+                         "tokens_evaluated": num_prompt}
                 if body.n_probs and delta.logprobs:
                     event["completion_probabilities"] = render.probabilities(delta.logprobs)
                 yield sse.event(event)

@@ -76,6 +76,8 @@ class NativeCompletionRequest(BaseModel):
                 raise InvalidRequestError("logit_bias entries are [token id or text, bias or false].",
                                           param="logit_bias")
             key, value = pair
+            if value is True:  # llama-server ignores it
+                continue
             if value is False:
                 value = BAN
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -89,7 +91,8 @@ class NativeCompletionRequest(BaseModel):
             else:
                 raise InvalidRequestError(f"logit_bias: {key!r} is not a token id or text.", param="logit_bias")
             for token in ids:
-                bias[token] = max(BAN, min(100.0, float(value)))
+                if token >= 0:  # llama-server skips negative ids
+                    bias[token] = max(BAN, min(100.0, float(value)))
         return bias
 
 

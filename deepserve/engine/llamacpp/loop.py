@@ -377,6 +377,10 @@ class LlamaCppEngine:
         """Sample the next token (or take the engine's own: a forced `</think>`), then post-process it and any
         tokens forced after it. Forced tokens are appended to the sequence and fed by the next step."""
         state: _SequenceState = seq.state
+        if seq.request.sampling.max_tokens == 0:  # the prompt only (llama.vim's cache warm-up): nothing sampled
+            self.scheduler.commit(chunk, None)
+            self._finish(seq, RequestStatus.FINISHED_LENGTH)
+            return
         forced = self._forced_tokens(seq)
         logprob = None
         is_forced = bool(forced)
@@ -440,7 +444,7 @@ class LlamaCppEngine:
         state.sampler = self.runner.new_sampler(params, seed)
         state.stop = StopStringMatcher(params.stop)
         if params.reasoning is not None:
-            prefix = prompt_reasoning_prefix(self._prompt_tail(seq.prompt_tokens))
+            prefix = params.reasoning.opened or prompt_reasoning_prefix(self._prompt_tail(seq.prompt_tokens))
             if params.reasoning.enabled or prefix is not None:
                 state.reasoning = ReasoningShaper(params.reasoning.format, starts_in_reasoning=prefix is not None,
                                                   raw_prefix=prefix or "")

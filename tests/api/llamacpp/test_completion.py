@@ -63,6 +63,7 @@ def test_the_stream_is_the_same_text_then_one_final_result_without_done(http):
     assert "".join(e["content"] for e in tokens) == whole["content"]
     assert [t for e in tokens for t in e["tokens"]] == whole["tokens"] and len(whole["tokens"]) == 10
     assert all(e["stop"] is False for e in tokens) and [e["tokens_predicted"] for e in tokens] == list(range(1, 11))
+    assert {e["tokens_evaluated"] for e in events} == {whole["tokens_evaluated"]}
     assert (final["stop"], final["content"], final["stop_type"], final["tokens_predicted"]) == (True, "", "limit", 10)
     assert final["timings"]["predicted_n"] == 10
 
@@ -115,3 +116,12 @@ def test_a_bad_key_and_a_model_without_fim_tokens(server, http):
     assert r.status_code == 400 and "Infill is not supported" in r.json()["error"]["message"]
     missing = http.post("/infill", json={"input_suffix": "\n"})
     assert missing.status_code == 400 and "input_prefix" in missing.json()["error"]["message"]
+
+
+def test_n_predict_0_computes_the_prompt_only_for_the_next_request_to_reuse(http):
+    """llama.vim and llama.vscode warm the cache this way: nothing generated, the prompt's KV kept."""
+    prompt = "A prompt to warm up the cache with, long enough to be worth keeping: " * 4
+    warm = native(http, {"prompt": prompt, "n_predict": 0})
+    assert (warm["content"], warm["tokens_predicted"], warm["stop_type"]) == ("", 0, "limit")
+    answer = native(http, {"prompt": prompt, "n_predict": 2})
+    assert answer["timings"]["cache_n"] == answer["tokens_evaluated"] - 1  # all but the last prompt token reused

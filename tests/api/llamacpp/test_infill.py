@@ -82,3 +82,14 @@ def test_bad_input_extra_is_a_400(infill_server):
     http, _ = infill_server
     r = http.post("/infill", json={"input_prefix": "", "input_suffix": "", "input_extra": [{"filename": "a.py"}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == 400
+
+
+def test_without_n_predict_the_snippets_leave_room_to_answer(infill_server):
+    http, coder = infill_server
+    r = http.post("/infill", json={"input_prefix": "x = 1\n" * 600, "input_suffix": "y = 2\n" * 300,
+                                   "input_extra": [{"filename": "z.py", "text": "z = 3\n" * 800}], "n_predict": 1})
+    assert r.status_code == 200, r.text
+    r = http.post("/infill", json={"input_prefix": "x = 1\n" * 600, "input_suffix": "y = 2\n" * 300,
+                                   "input_extra": [{"filename": "z.py", "text": "z = 3\n" * 800}]})
+    assert r.status_code == 200, r.text
+    assert len(coder.prompts[-1]) + 256 <= 4096  # INFILL_ROOM tokens left after the prompt
