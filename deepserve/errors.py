@@ -39,6 +39,13 @@ class InvalidRequestError(DeepserveError):
     error_type = "invalid_request_error"
 
 
+class NotSupportedError(DeepserveError):
+    """The request asks for what this model cannot do (llama-server's 501 not_supported_error)."""
+
+    status_code = 501
+    error_type = "not_supported_error"
+
+
 class ContextLengthError(InvalidRequestError):
     default_code = "context_length_exceeded"
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from deepserve.errors import InvalidRequestError
+from deepserve.errors import InvalidRequestError, NotSupportedError
 
 if TYPE_CHECKING:
     from deepserve.serving import ServedModel
@@ -70,30 +70,30 @@ SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for model
 
 def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: list[tuple[str, str]], prompt: str,
                          max_tokens: int | None) -> list[int]:
-    """llama-server's /infill prompt (format_prompt_infill): [BOS], other files' text (`extra`: (filename, text))
-    as snippets, then FIM_PRE prefix prompt FIM_SUF suffix FIM_MID (llama-server puts the snippets before BOS).
-    The prefix keeps its last 1,536 tokens and the suffix its first 512 less the prompt's, as llama-server's
-    default batch does; the snippets fill what the window has left after a batch and twice `max_tokens`
-    (INFILL_ROOM when None), never more than leaves `max_tokens` of room after the whole prompt; their ends kept."""
+    """llama-server's /infill prompt (format_prompt_infill): other files' text (`extra`: (filename, text)) as
+    snippets, then [BOS] FIM_PRE prefix prompt FIM_SUF suffix FIM_MID. The prefix keeps its last 1,536 tokens and
+    the suffix its first 512 less the prompt's, as llama-server's default batch does; the snippets keep their
+    ends, as much as llama-server keeps (the window less a batch) and never so much that `max_tokens`
+    (INFILL_ROOM when None) no longer fits after the prompt. `prompt`'s special tokens are read as such."""
     ids = fim_token_ids(model)
     if ids is None:
-        raise InvalidRequestError(f"Infill is not supported by the model `{model.model_id}`: its vocabulary has no "
-                                  "FIM prefix, suffix and middle tokens.", param="model")
+        raise NotSupportedError(f"Infill is not supported by the model `{model.model_id}`: its vocabulary has no "
+                                "FIM prefix, suffix and middle tokens.", param="model")
     pre, suf, mid = ids
     engine = model.engine
 
-    def tokens(text: str) -> list[int]:
-        return engine.tokenize(text, add_special=False, parse_special=False) if text else []
+    def tokens(text: str, special: bool = False) -> list[int]:
+        return engine.tokenize(text, add_special=False, parse_special=special) if text else []
 
-    before, after, written = tokens(prefix), tokens(suffix), tokens(prompt)
+    before, after, written = tokens(prefix), tokens(suffix), tokens(prompt, special=True)
     before = before[len(before) - min(len(before), 3 * (INFILL_BATCH // 4)):]
     after = after[:min(len(after), max(0, INFILL_BATCH // 4 - (2 + len(written))))]
     snippets: list[int] = []
     for _filename, text in extra:  # deepseek-coder has no file separator token: snippets are marked in text
         snippets += tokens(SNIPPET_SEPARATOR) + tokens(text)
     bos = engine.tokenize("", add_special=True, parse_special=False)
-    core = [pre, *before, *written, suf, *after, mid]
+    core = [*bos, pre, *before, *written, suf, *after, mid]
     room = INFILL_ROOM if max_tokens is None else max_tokens
-    take = min(len(snippets), max(0, model.ctx_size - INFILL_BATCH - 2 * room),
-               max(0, model.ctx_size - len(bos) - len(core) - room))
-    return [*bos, *snippets[len(snippets) - take:], *core]
+    # llama-server's budget, with its default n_predict of -1: the window less a batch, plus 2.
+    take = min(len(snippets), max(0, model.ctx_size - INFILL_BATCH + 2), max(0, model.ctx_size - len(core) - room))
+    return [*snippets[len(snippets) - take:], *core]  # before BOS, where llama-server puts them

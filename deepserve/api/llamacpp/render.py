@@ -65,7 +65,7 @@ def stop_type(choice: ChoiceResult) -> str:
 
 
 def final_result(choice: ChoiceResult, *, model: str, prompt: str, timings: Timings, settings: dict[str, Any],
-                 streamed: bool, return_tokens: bool, want_probs: bool) -> dict[str, Any]:
+                 streamed: bool, return_tokens: bool, want_probs: bool, truncated: bool = False) -> dict[str, Any]:
     """The last answer: the whole text (none of it when it was streamed, as llama-server sends it)."""
     result = {
         "index": 0,
@@ -79,10 +79,10 @@ def final_result(choice: ChoiceResult, *, model: str, prompt: str, timings: Timi
         "generation_settings": settings,
         "prompt": prompt,
         "has_new_line": "\n" in choice.text,
-        "truncated": False,
+        "truncated": truncated,  # the window ended the answer before n_predict did
         "stop_type": stop_type(choice),
         "stopping_word": choice.stop_reason or "",
-        "tokens_cached": choice.num_prompt_tokens + choice.num_generated_tokens,
+        "tokens_cached": max(0, choice.num_prompt_tokens + choice.num_generated_tokens - 1),  # the last not fed
         "timings": timings.to_json(choice),
     }
     if want_probs and not streamed:

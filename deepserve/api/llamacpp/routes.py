@@ -15,7 +15,7 @@ from deepserve.api.auth import Principal, require_bearer
 from deepserve.api.llamacpp import render
 from deepserve.api.llamacpp.schemas import InfillRequest, NativeCompletionRequest
 from deepserve.chat_options import apply_model_defaults
-from deepserve.engine.types import TextPrompt, TokenDelta
+from deepserve.engine.types import FinishReason, TextPrompt, TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
 from deepserve.fim import infill_prompt_tokens
 from deepserve.serving import ChoiceResult, ServedModel, metered_generate
@@ -62,62 +62,122 @@ async def infill(body: InfillRequest, request: Request, _: Principal = Depends(r
     return await _answer(request, model, body, prompt)
 
 
+class _EditorStops:
+    """llama-server's stops for editor plugins, on the text as it is generated: `n_indent` (after the first line,
+    a line indented less than this ends the answer, that line cut after its indentation) and `t_max_predict_ms`
+    (past this long generating, the answer ends at a new line)."""
+
+    def __init__(self, n_indent: int, t_max_predict_ms: int):
+        self.n_indent, self.t_max_s = n_indent, t_max_predict_ms / 1000
+        self.text = ""
+        self.last_line = 0  # where the line being written starts (0: still the first line)
+        self.has_new_line = False
+
+    def feed(self, piece: str, generating_s: float) -> tuple[str, bool]:
+        """What of `piece` to keep, and whether the answer ends here."""
+        start = len(self.text)
+        self.text += piece
+        stop = False
+        if self.has_new_line and self.n_indent > 0:
+            if self.last_line > 0:
+                pos = self.last_line
+                while pos < len(self.text) and self.text[pos] in " \t":
+                    pos += 1
+                if pos < len(self.text) and pos - self.last_line < self.n_indent:
+                    self.text = self.text[:pos]
+                    piece, stop = piece[:max(0, pos - start)], True
+            found = self.text.find("\n", self.last_line)
+            if found >= 0:
+                self.last_line = found + 1
+        if "\n" in piece:
+            self.has_new_line = True
+            if self.t_max_s > 0 and generating_s > self.t_max_s:
+                stop = True
+        return piece, stop
+
+
 async def _answer(request: Request, model: ServedModel, body: NativeCompletionRequest,
                   prompt: list[int] | TextPrompt) -> Response:
-    max_tokens = model.resolve_max_tokens(body.requested_max_tokens, len(prompt))
+    requested = body.requested_max_tokens
+    clamped = False
+    if requested is not None and not isinstance(prompt, TextPrompt) and 0 < model.ctx_size - len(prompt) < requested:
+        # llama-server generates until the window is full rather than refusing (and says `truncated`).
+        requested, clamped = model.ctx_size - len(prompt), True
+    max_tokens = model.resolve_max_tokens(requested, len(prompt))
     tokenize = lambda text: model.engine.tokenize(text, add_special=False, parse_special=False)  # noqa: E731
-    omitted = {"max_tokens"} if body.requested_max_tokens is None else set()
+    omitted = {"max_tokens"} if requested is None else set()
     sampling = apply_model_defaults(model, body.to_sampling(max_tokens, tokenize), omitted=omitted,
                                     num_prompt_tokens=len(prompt))
-    sampling.max_tokens_fits_balance = body.requested_max_tokens is None
+    sampling.max_tokens_fits_balance = requested is None
     timings = render.Timings()
     stream = await metered_generate(request, model, prompt, sampling)
-    settings = _settings(body, sampling.max_tokens)  # what billing left of a default n_predict
-    prompt_text = _prompt_text(model, prompt, body)
+    answer = _Answer(body, model.model_id, _prompt_text(model, prompt, body), timings,
+                     _settings(body, sampling.max_tokens),  # what billing left of a default n_predict
+                     0 if isinstance(prompt, TextPrompt) else len(prompt),  # an upstream tells its count as it goes
+                     sampling.max_tokens if clamped else None)
     if body.stream:
-        known = 0 if isinstance(prompt, TextPrompt) else len(prompt)  # an upstream's count comes with its tokens
-        return sse.sse_response(_events(stream, body, model.model_id, prompt_text, timings, settings, known))
-    choice = ChoiceResult(index=0)
-    async with contextlib.aclosing(stream):
-        async for _, delta in stream:
-            if delta.token_ids or delta.text:
-                timings.saw_token()
-            choice.add(delta)
-    timings.finished = time.perf_counter()
-    if choice.error is not None:
-        raise EngineError(f"The engine failed while generating: {choice.error}")
-    result = render.final_result(choice, model=model.model_id, prompt=prompt_text, timings=timings,
-                                 settings=settings, streamed=False, return_tokens=body.return_tokens,
-                                 want_probs=body.n_probs > 0)
-    return JSONResponse(render.pick_fields(result, body.response_fields))
+        return sse.sse_response(answer.events(stream))
+    async for _ in answer.consume(stream):
+        pass
+    if answer.choice.error is not None:
+        raise EngineError(f"The engine failed while generating: {answer.choice.error}")
+    return JSONResponse(render.pick_fields(answer.result(streamed=False), body.response_fields))
 
 
-async def _events(stream: AsyncIterator[tuple[int, TokenDelta]], body: NativeCompletionRequest, model_id: str,
-                  prompt_text: str, timings: render.Timings, settings: dict[str, Any],
-                  num_prompt_tokens: int) -> AsyncIterator[bytes]:
-    """One event a token (its text, id and probabilities), then the final result; no [DONE], as llama-server."""
-    choice = ChoiceResult(index=0)
-    num_prompt = num_prompt_tokens
-    async with contextlib.aclosing(stream):
-        async for _, delta in stream:
-            num_prompt = delta.num_prompt_tokens or num_prompt  # an upstream tells its count as it goes
-            if delta.error is not None:
-                yield sse.event(render.error_body(500, f"The engine failed while generating: {delta.error}",
-                                                  "server_error"))
-                return
-            if delta.token_ids or delta.text:
-                timings.saw_token()
-            choice.add(delta)
-            if delta.text or delta.token_ids:
-                event = {"index": 0, "content": delta.text, "tokens": list(delta.token_ids), "stop": False,
-                         "id_slot": render.NO_SLOT, "tokens_predicted": len(choice.token_ids),
-                         "tokens_evaluated": num_prompt}
-                if body.n_probs and delta.logprobs:
-                    event["completion_probabilities"] = render.probabilities(delta.logprobs)
-                yield sse.event(event)
-    timings.finished = time.perf_counter()
-    yield sse.event(render.final_result(choice, model=model_id, prompt=prompt_text, timings=timings, settings=settings,
-                                        streamed=True, return_tokens=body.return_tokens, want_probs=False))
+class _Answer:
+    """One request's answer as it comes: the choice so far, the editor stops, the timings."""
+
+    def __init__(self, body: NativeCompletionRequest, model_id: str, prompt_text: str, timings: render.Timings,
+                  settings: dict[str, Any], num_prompt_tokens: int, window_limit: int | None):
+        self.body, self.model_id, self.prompt_text, self.timings = body, model_id, prompt_text, timings
+        self.settings, self.num_prompt, self.window_limit = settings, num_prompt_tokens, window_limit
+        self.choice = ChoiceResult(index=0)
+        self.stops = _EditorStops(body.n_indent, body.t_max_predict_ms)
+
+    async def consume(self, stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[TokenDelta]:
+        """The deltas, their text cut where an editor stop ends the answer (the engine's request is then aborted,
+        and what was generated is what counts)."""
+        async with contextlib.aclosing(stream):
+            async for _, delta in stream:
+                self.num_prompt = delta.num_prompt_tokens or self.num_prompt
+                if delta.token_ids or delta.text:
+                    self.timings.saw_token()
+                generating_s = time.perf_counter() - (self.timings.first_token or time.perf_counter())
+                delta.text, stop = self.stops.feed(delta.text, generating_s)
+                self.choice.add(delta)
+                yield delta
+                if stop and delta.finish_reason is None:
+                    choice = self.choice
+                    choice.text = self.stops.text  # the cut line may have begun in an earlier token (not streamed)
+                    choice.finish_reason, choice.num_generated_tokens = FinishReason.LENGTH, len(choice.token_ids)
+                    choice.num_prompt_tokens = self.num_prompt
+                    break
+        self.timings.finished = time.perf_counter()
+
+    async def events(self, stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[bytes]:
+        """One event a token (its text, id and probabilities), then the final result; no [DONE], as llama-server."""
+        async with contextlib.aclosing(self.consume(stream)) as deltas:
+            async for delta in deltas:
+                if delta.error is not None:
+                    yield sse.event(render.error_body(500, f"The engine failed while generating: {delta.error}",
+                                                      "server_error"))
+                    return
+                if delta.text or delta.token_ids:
+                    event = {"index": 0, "content": delta.text, "tokens": list(delta.token_ids), "stop": False,
+                             "id_slot": render.NO_SLOT, "tokens_predicted": len(self.choice.token_ids),
+                             "tokens_evaluated": self.num_prompt}
+                    if self.body.n_probs > 0 and delta.logprobs:
+                        event["completion_probabilities"] = render.probabilities(delta.logprobs)
+                    yield sse.event(event)
+        yield sse.event(render.pick_fields(self.result(streamed=True), self.body.response_fields))
+
+    def result(self, *, streamed: bool) -> dict[str, Any]:
+        choice = self.choice
+        truncated = (self.window_limit is not None and choice.finish_reason == FinishReason.LENGTH
+                     and choice.num_generated_tokens >= self.window_limit)
+        return render.final_result(choice, model=self.model_id, prompt=self.prompt_text, timings=self.timings,
+                                   settings=self.settings, streamed=streamed, return_tokens=self.body.return_tokens,
+                                   want_probs=self.body.n_probs > 0, truncated=truncated)
 
 
 def _prompt_text(model: ServedModel, prompt: list[int] | TextPrompt, body: NativeCompletionRequest) -> str:

@@ -10,7 +10,7 @@ from deepserve.engine.types import GrammarSpec, SamplingParams
 from deepserve.errors import InvalidRequestError
 from deepserve.structured import schema_grammar
 
-MAX_N_PROBS = 20
+MAX_N_PROBS = 100  # llama-server has no limit; each costs a row of the vocabulary's sort
 BAN = -100.0  # llama-server's `false` bias (never this token): the strongest bias deepserve's sampler takes
 
 
@@ -32,13 +32,18 @@ class NativeCompletionRequest(BaseModel):
     seed: int = -1  # -1 (llama-server's LLAMA_DEFAULT_SEED): a random seed
     stop: list[str] = Field(default_factory=list)
     stream: StrictBool = False
-    n_probs: int = Field(0, ge=0, le=MAX_N_PROBS)
+    n_probs: int = Field(0, ge=-1, le=MAX_N_PROBS)  # -1 (or 0): none
     ignore_eos: bool = False
     logit_bias: list[list[Any]] | dict[str, Any] | None = None
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
     return_tokens: bool = False
     response_fields: list[str] | None = None
+    # Which samplers run (llama-server's `samplers`; llama.vim sends ["top_k", "top_p", "infill"]): one left out
+    # does nothing, e.g. no "temperature" samples at 1.0. None: all of them.
+    samplers: list[str] | None = None
+    n_indent: int = Field(0, ge=0)  # after the first line, stop at a line indented less than this (editor plugins)
+    t_max_predict_ms: int = Field(0, ge=0)  # after this long generating, stop at the next new line (0: no limit)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -58,11 +63,19 @@ class NativeCompletionRequest(BaseModel):
             grammar = GrammarSpec(gbnf=self.grammar, root="root")
         elif self.json_schema is not None:
             grammar = schema_grammar(self.json_schema)
+        runs = (lambda name: True) if self.samplers is None else (lambda name: name in self.samplers)  # noqa: E731
+        penalties = runs("penalties")
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=max(0, self.top_k), min_p=self.min_p,
-            seed=None if self.seed < 0 else self.seed, repetition_penalty=self.repeat_penalty or 1.0,
-            frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, max_tokens=max_tokens,
-            stop=list(self.stop), ignore_eos=self.ignore_eos, logprobs=self.n_probs > 0, top_logprobs=self.n_probs,
+            temperature=self.temperature if runs("temperature") else 1.0,
+            top_p=self.top_p if runs("top_p") else 1.0,
+            top_k=max(0, self.top_k) if runs("top_k") else 0,
+            min_p=self.min_p if runs("min_p") else 0.0,
+            seed=None if self.seed < 0 else self.seed,
+            repetition_penalty=(self.repeat_penalty or 1.0) if penalties else 1.0,
+            frequency_penalty=self.frequency_penalty if penalties else 0.0,
+            presence_penalty=self.presence_penalty if penalties else 0.0,
+            max_tokens=max_tokens, stop=list(self.stop), ignore_eos=self.ignore_eos,
+            logprobs=self.n_probs > 0, top_logprobs=max(0, self.n_probs),
             logit_bias=self._logit_bias(tokenize), grammar=grammar,
         )
 

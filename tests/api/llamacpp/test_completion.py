@@ -95,7 +95,7 @@ def test_json_schema_constrains_the_content(http):
 
 
 @pytest.mark.parametrize("body, status, kind", [
-    ({"prompt": PROMPT, "n_probs": 50}, 400, "invalid_request_error"),
+    ({"prompt": PROMPT, "n_probs": 500}, 400, "invalid_request_error"),
     ({"prompt": PROMPT, "temperature": -1}, 400, "invalid_request_error"),
     ({"prompt": "word " * 2000}, 400, "exceed_context_size_error"),
     ({"prompt": ""}, 400, "invalid_request_error"),
@@ -113,7 +113,8 @@ def test_a_bad_key_and_a_model_without_fim_tokens(server, http):
                          headers={"Authorization": "Bearer wrong"})
     assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
     r = http.post("/infill", json={"input_prefix": "def f():\n    return ", "input_suffix": "\n"})
-    assert r.status_code == 400 and "Infill is not supported" in r.json()["error"]["message"]
+    assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"  # as llama-server
+    assert "Infill is not supported" in r.json()["error"]["message"]
     missing = http.post("/infill", json={"input_suffix": "\n"})
     assert missing.status_code == 400 and "input_prefix" in missing.json()["error"]["message"]
 
@@ -125,3 +126,50 @@ def test_n_predict_0_computes_the_prompt_only_for_the_next_request_to_reuse(http
     assert (warm["content"], warm["tokens_predicted"], warm["stop_type"]) == ("", 0, "limit")
     answer = native(http, {"prompt": prompt, "n_predict": 2})
     assert answer["timings"]["cache_n"] == answer["tokens_evaluated"] - 1  # all but the last prompt token reused
+
+
+def test_n_predict_past_the_window_generates_to_its_end(http, server):
+    """llama-server fills the window and says truncated, rather than refusing the request."""
+    prompt = "count: " + "one two three " * 300
+    size = http.post("/tokenize", json={"content": prompt, "add_special": True}).json()["count"]
+    answer = native(http, {"prompt": prompt, "n_predict": 5000, "ignore_eos": True})
+    assert answer["tokens_predicted"] == 1024 - size and answer["truncated"] is True and answer["stop_type"] == "limit"
+    assert native(http, {"prompt": PROMPT, "n_predict": 3})["truncated"] is False
+
+
+def test_samplers_left_out_do_nothing(http):
+    """llama.vim sends samplers ["top_k", "top_p", "infill"]: no temperature step (1.0), no min_p."""
+    body = {"prompt": PROMPT, "n_predict": 12, "seed": 7, "temperature": 0.1, "min_p": 0.3, "ignore_eos": True}
+    listed = native(http, {**body, "samplers": ["top_k", "top_p", "infill"]})["content"]
+    plain = native(http, {**body, "temperature": 1.0, "min_p": 0.0})["content"]
+    assert listed == plain != native(http, body)["content"]
+
+
+def test_n_indent_ends_the_answer_at_a_line_indented_less(http):
+    """llama.vim's n_indent: after the first line, the first line indented less than n_indent ends the answer, cut
+    after its indentation; what comes before is the free answer's."""
+    body = {"prompt": "```python\ndef fibonacci(n):\n", "n_predict": 80, "temperature": 0, "ignore_eos": True}
+    free = native(http, body)
+    cut = native(http, {**body, "n_indent": 4})
+    assert free["content"].startswith(cut["content"]) and cut["tokens_predicted"] < free["tokens_predicted"]
+    *whole, last = cut["content"].split("\n")
+    assert len(whole) >= 1 and last.strip() == ""  # the offending line: only its indentation is kept
+    assert all(len(line) - len(line.lstrip()) >= 4 for line in whole[1:] if line.strip())
+    assert cut["stop_type"] == "limit"
+
+
+def test_editor_stops_on_pieces():
+    from deepserve.api.llamacpp.routes import _EditorStops
+
+    stops = _EditorStops(n_indent=4, t_max_predict_ms=0)
+    pieces = ["x = 1", "\n", "    ", "y = 2\n", "  ", "z", " = 3"]
+    kept = []
+    for piece in pieces:
+        text, stop = stops.feed(piece, 0.0)
+        kept.append(text)
+        if stop:
+            break
+    assert "".join(kept) == "x = 1\n    y = 2\n  " and stop  # "z" is on a line indented 2 < 4
+    timed = _EditorStops(n_indent=0, t_max_predict_ms=100)
+    assert timed.feed("a\n", 0.05) == ("a\n", False) and timed.feed("b", 0.2) == ("b", False)
+    assert timed.feed("\n", 0.2) == ("\n", True)  # past the time limit, at a new line

@@ -46,7 +46,7 @@ def test_infill_builds_the_fim_prompt_and_answers_as_llama_server(infill_server)
         True, "limit", len(expected), 6)
 
 
-def test_the_prompt_goes_before_the_gap_and_snippets_before_everything(infill_server):
+def test_the_prompt_goes_before_the_gap_and_snippets_before_everything_as_llama_server_puts_them(infill_server):
     http, coder = infill_server
     extra = [{"filename": "util.py", "text": "def helper():\n    pass\n"}]
     http.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "a +", "n_predict": 1,
@@ -55,8 +55,8 @@ def test_the_prompt_goes_before_the_gap_and_snippets_before_everything(infill_se
     snippet = text_tokens(coder, SNIPPET_SEPARATOR) + text_tokens(coder, extra[0]["text"])
     bos, begin, hole, end = coder.tokenize("<｜begin▁of▁sentence｜><｜fim▁begin｜><｜fim▁hole｜><｜fim▁end｜>",
                                            add_special=False, parse_special=True)
-    assert prompt == [bos, *snippet, begin, *text_tokens(coder, PREFIX), *text_tokens(coder, "a +"), hole,
-                      *text_tokens(coder, SUFFIX), end]
+    assert prompt == [*snippet, bos, begin, *text_tokens(coder, PREFIX), *text_tokens(coder, "a +"), hole,
+                      *text_tokens(coder, SUFFIX), end]  # the snippets before BOS, where llama-server puts them
 
 
 def test_a_long_prefix_keeps_its_end_as_llama_server_does(infill_server):
@@ -93,3 +93,4 @@ def test_without_n_predict_the_snippets_leave_room_to_answer(infill_server):
                                    "input_extra": [{"filename": "z.py", "text": "z = 3\n" * 800}]})
     assert r.status_code == 200, r.text
     assert len(coder.prompts[-1]) + 256 <= 4096  # INFILL_ROOM tokens left after the prompt
+
