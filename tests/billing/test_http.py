@@ -94,6 +94,25 @@ def test_a_default_max_tokens_is_what_the_balance_covers_rather_than_a_402(bille
     assert account["reserved_nanodollars"] == 0
 
 
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_every_dialects_default_max_tokens_fits_the_balance(billed, dialect):
+    """Without max_tokens (Workers AI and Dataoorts default to 256, Segmind and OpenAI to the window), a balance
+    that covers the prompt and three tokens gets those three."""
+    request = dialect_request(dialect, billed.model, OPERATOR_KEY, ignore_eos=True)
+    body = request["json"]["data"] if dialect == "dataoorts" else request["json"]
+    del body["max_tokens"]
+    with httpx.Client(base_url=billed.url, timeout=60) as http:
+        free = http.request(**request)
+        assert free.status_code == 200, free.text
+        num_prompt = usage_of(dialect, free.json())["prompt_tokens"]
+        key = billed.new_key(f"thrifty-{dialect}", num_prompt * 1000 + 3 * 2000)
+        request["headers"] = {"x-api-key": key} if dialect == "segmind" else {"Authorization": f"Bearer {key}"}
+        r = http.request(**request)
+    assert r.status_code == 200, r.text
+    assert usage_of(dialect, r.json())["completion_tokens"] == 3
+    assert billed.account(f"thrifty-{dialect}")["balance_nanodollars"] >= 0
+
+
 @pytest.fixture()
 def flat_prompt_price(billed):
     """Cached prompt tokens at the full input price: Workers AI and Dataoorts report no cached count, and their

@@ -115,7 +115,7 @@ class _SamplingFields(_Lenient):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(0, self.top_k or 0),
             min_p=self.min_p or 0.0,
-            seed=self.seed,
+            seed=None if self.seed == -1 else self.seed,  # -1: a random seed, as vLLM and llama-server read it
             repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,

@@ -73,6 +73,7 @@ class SamplingInput(BaseModel):
         options = ChatOptions(reasoning_format=self.reasoning_format, reasoning_effort=self.reasoning_effort,
                               max_reasoning_tokens=self.max_reasoning_tokens, response_format=self.response_format)
         omitted = {name for name in ("temperature", "top_p", "max_tokens") if name not in self.model_fields_set}
+        sampling.max_tokens_fits_balance = "max_tokens" in omitted  # the dialect's default, not the client's
         return configure_sampling(model, sampling, options, omitted=omitted, num_prompt_tokens=num_prompt_tokens)
 
     def _sampling(self) -> SamplingParams:

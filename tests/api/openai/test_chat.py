@@ -242,3 +242,12 @@ def test_bad_logit_bias_is_400_naming_the_field(http, server, bias, needle):
     assert r.status_code == 400
     assert needle in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "logit_bias"
+
+
+def test_seed_minus_one_is_a_random_seed_as_in_vllm_and_llama_server(client, server):
+    def text(seed: int) -> str:
+        return client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=32, temperature=1.5, seed=seed).choices[0].message.content
+
+    assert text(5) == text(5)
+    assert len({text(-1) for _ in range(3)}) > 1  # 32 tokens at temperature 1.5: a repeat is all but impossible
