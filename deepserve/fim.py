@@ -64,6 +64,7 @@ def fim_prompt_tokens(model: ServedModel, prefix: str | list[int], suffix: str) 
 
 # llama-server fits the code around the gap in one batch of its default size, 3:1 before and after the gap.
 INFILL_BATCH = 2048
+MAX_TOKEN_CHARS = 64  # longer than any token of a code model's vocabulary (runs of spaces are the longest)
 INFILL_ROOM = 256  # output tokens the snippets leave room for when the request names no n_predict
 SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for models without a file separator token
 
@@ -85,15 +86,24 @@ def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: li
     def tokens(text: str, special: bool = False) -> list[int]:
         return engine.tokenize(text, add_special=False, parse_special=special) if text else []
 
-    before, after, written = tokens(prefix), tokens(suffix), tokens(prompt, special=True)
-    before = before[len(before) - min(len(before), 3 * (INFILL_BATCH // 4)):]
-    after = after[:min(len(after), max(0, INFILL_BATCH // 4 - (2 + len(written))))]
-    snippets: list[int] = []
-    for _filename, text in extra:  # deepseek-coder has no file separator token: snippets are marked in text
-        snippets += tokens(SNIPPET_SEPARATOR) + tokens(text)
+    # Only the text that can be kept is tokenized (a megabyte of code around the cursor would hold the event
+    # loop for seconds): no token is longer than MAX_TOKEN_CHARS characters.
+    keep_before, keep_after = 3 * (INFILL_BATCH // 4), INFILL_BATCH // 4
+    written = tokens(prompt, special=True)
+    before = tokens(prefix[-keep_before * MAX_TOKEN_CHARS:])
+    after = tokens(suffix[:keep_after * MAX_TOKEN_CHARS])
+    before = before[len(before) - min(len(before), keep_before):]
+    after = after[:min(len(after), max(0, keep_after - (2 + len(written))))]
     bos = engine.tokenize("", add_special=True, parse_special=False)
     core = [*bos, pre, *before, *written, suf, *after, mid]
     room = INFILL_ROOM if max_tokens is None else max_tokens
     # llama-server's budget, with its default n_predict of -1: the window less a batch, plus 2.
-    take = min(len(snippets), max(0, model.ctx_size - INFILL_BATCH + 2), max(0, model.ctx_size - len(core) - room))
-    return [*snippets[len(snippets) - take:], *core]  # before BOS, where llama-server puts them
+    budget = min(max(0, model.ctx_size - INFILL_BATCH + 2), max(0, model.ctx_size - len(core) - room))
+    snippets: list[int] = []
+    separator = tokens(SNIPPET_SEPARATOR)
+    for _filename, text in reversed(extra):  # the last snippets are kept: only those are tokenized
+        if len(snippets) >= budget:
+            break
+        # deepseek-coder has no file separator token: snippets are marked in text
+        snippets = separator + tokens(text[-budget * MAX_TOKEN_CHARS:]) + snippets
+    return [*snippets[len(snippets) - min(len(snippets), budget):], *core]  # before BOS, as llama-server puts them

@@ -296,6 +296,10 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
         if extra:
             raise SchemaConverterError(f"{where}: '{sorted(extra)[0]}' on an object is not supported")
         properties = schema.get("properties") or {}
+        if not isinstance(properties, dict):
+            raise SchemaConverterError(f"{where}/properties: must be an object")
+        if not isinstance(schema.get("required") or [], list):
+            raise SchemaConverterError(f"{where}/required: must be a list of property names")
         for name, sub in properties.items():
             _check(sub, f"{where}/properties/{name}", defs)
         for name in schema.get("required") or []:
@@ -454,7 +458,10 @@ class CheckedConverter(SchemaConverter):
         """Check `schema` and add its rules; return the name of its top rule ("" names it `root`)."""
         where += "#"  # then a JSON pointer to the part of the schema: "...schema#/properties/age"
         _check_size(schema, where)
-        _check(schema, where, schema if isinstance(schema, dict) else {})
+        try:
+            _check(schema, where, schema if isinstance(schema, dict) else {})
+        except (AttributeError, TypeError) as error:  # a keyword holding the wrong kind of value
+            raise SchemaConverterError(f"{where}: a keyword holds a value of the wrong type: {error}") from None
         self._num_schemas += 1
         prepared = _drop_large_maxima(_true_to_empty(_strip_annotations(copy.deepcopy(schema))))
         if name:

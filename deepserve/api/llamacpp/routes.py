@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -109,6 +110,9 @@ async def _answer(request: Request, model: ServedModel, body: NativeCompletionRe
     sampling = apply_model_defaults(model, body.to_sampling(max_tokens, tokenize), omitted=omitted,
                                     num_prompt_tokens=len(prompt))
     sampling.max_tokens_fits_balance = requested is None
+    check_grammar = getattr(model.engine, "check_grammar", None)
+    if body.grammar and check_grammar is not None:
+        await asyncio.to_thread(check_grammar, body.grammar)
     timings = render.Timings()
     stream = await metered_generate(request, model, prompt, sampling)
     answer = _Answer(body, model.model_id, _prompt_text(model, prompt, body), timings,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from deepserve.engine.types import GrammarSpec, SamplingParams
 from deepserve.errors import InvalidRequestError
@@ -17,9 +19,9 @@ BAN = -100.0  # llama-server's `false` bias (never this token): the strongest bi
 class NativeCompletionRequest(BaseModel):
     # Fields llama-server takes and deepserve has no use for (cache_prompt, samplers, id_slot, typical_p,
     # t_max_predict_ms...) are ignored, as llama-server ignores fields it does not know.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON's Infinity / NaN literals: 400
     model: str | None = None  # llama-server serves one model; deepserve may serve several
-    prompt: str | list[int] = ""
+    prompt: str | list[StrictInt] = ""
     n_predict: int = Field(-1, ge=-1)  # -1: until the end of the context window (or the catalog's default)
     max_tokens: int | None = Field(None, ge=-1)  # llama-server's alias of n_predict
     temperature: float = Field(0.8, ge=0.0)
@@ -93,9 +95,9 @@ class NativeCompletionRequest(BaseModel):
                 continue
             if value is False:
                 value = BAN
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidRequestError(f"logit_bias: {value!r} is not a number or false.", param="logit_bias")
-            if isinstance(key, str) and key.lstrip("-").isdigit() and isinstance(self.logit_bias, dict):
+            if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key) and isinstance(self.logit_bias, dict):
                 ids = [int(key)]
             elif isinstance(key, str):
                 ids = tokenize(key)

@@ -16,7 +16,7 @@ MAX_N = 16
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON's Infinity / NaN literals: 400
 
 
 class ContentPart(BaseModel):

@@ -171,6 +171,15 @@ class LlamaCppEngine:
     def fim_token_ids(self) -> tuple[int, int, int] | None:
         return self.runner.fim_token_ids()
 
+    def check_grammar(self, gbnf: str, root: str = "root") -> None:
+        """A client's GBNF, parsed before the request is queued: one llama.cpp refuses is the client's 400 (it
+        reads the vocabulary only, as the engine thread does)."""
+        try:
+            self.runner.free_sampler(self.runner.new_grammar(gbnf, root))
+        except ValueError:
+            raise InvalidRequestError("The grammar is not valid GBNF (llama.cpp could not parse it: undefined or "
+                                      "left-recursive rules, or no root rule).", param="grammar") from None
+
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:
             raise InvalidRequestError("The prompt is empty.", param="prompt")

@@ -78,6 +78,15 @@ def test_n_probs_gives_completion_probabilities_with_ids(http):
     assert "".join(p["token"] for p in probs) == answer["content"]
 
 
+def test_logit_bias_keys_that_are_not_ids_are_text():
+    from deepserve.api.llamacpp.schemas import NativeCompletionRequest
+
+    seen: list[str] = []
+    request = NativeCompletionRequest(logit_bias={"--5": 1, "²": 2, "7": False})
+    bias = request._logit_bias(lambda text: seen.append(text) or [100 + len(seen)])
+    assert seen == ["--5", "²"] and bias == {101: 1.0, 102: 2.0, 7: -100.0}
+
+
 def test_logit_bias_false_bans_a_token_and_response_fields_pick_the_answer(http):
     first = native(http, {"prompt": PROMPT, "n_predict": 1, "temperature": 0, "return_tokens": True})
     banned = native(http, {"prompt": PROMPT, "n_predict": 1, "temperature": 0, "return_tokens": True,
@@ -100,6 +109,12 @@ def test_json_schema_constrains_the_content(http):
     ({"prompt": "word " * 2000}, 400, "exceed_context_size_error"),
     ({"prompt": ""}, 400, "invalid_request_error"),
     ({"prompt": PROMPT, "model": "no-such-model"}, 404, "not_found_error"),
+    ({"prompt": PROMPT, "json_schema": {"type": "object", "properties": [1]}}, 400, "invalid_request_error"),
+    ({"prompt": PROMPT, "json_schema": {"type": "object", "properties": {"a": {}}, "required": 5}}, 400,
+     "invalid_request_error"),
+    ({"prompt": PROMPT, "grammar": "root ::= foo"}, 400, "invalid_request_error"),
+    ({"prompt": PROMPT, "grammar": "root ::= root"}, 400, "invalid_request_error"),
+    ({"prompt": [True, False]}, 400, "invalid_request_error"),
 ])
 def test_bad_requests_get_llama_servers_error_shape(http, body, status, kind):
     r = http.post("/completion", json=body)
@@ -173,3 +188,10 @@ def test_editor_stops_on_pieces():
     timed = _EditorStops(n_indent=0, t_max_predict_ms=100)
     assert timed.feed("a\n", 0.05) == ("a\n", False) and timed.feed("b", 0.2) == ("b", False)
     assert timed.feed("\n", 0.2) == ("\n", True)  # past the time limit, at a new line
+
+
+@pytest.mark.parametrize("raw", ['{"prompt": "a", "n_predict": 2, "temperature": Infinity}',
+                                 '{"prompt": "a", "n_predict": 2, "logit_bias": {"5": NaN}}'])
+def test_json_infinity_and_nan_are_refused(http, raw):
+    r = http.post("/completion", content=raw.encode())
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"

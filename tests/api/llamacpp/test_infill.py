@@ -94,3 +94,15 @@ def test_without_n_predict_the_snippets_leave_room_to_answer(infill_server):
     assert r.status_code == 200, r.text
     assert len(coder.prompts[-1]) + 256 <= 4096  # INFILL_ROOM tokens left after the prompt
 
+
+
+def test_only_the_snippets_that_fit_are_kept_the_last_ones(infill_server):
+    http, coder = infill_server
+    extra = [{"filename": f"f{i}.py", "text": f"value_{i} = {i}\n"} for i in range(3000)]
+    http.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "input_extra": extra})
+    prompt = coder.prompts[-1]
+    [bos] = coder.tokenize("", add_special=True, parse_special=False)
+    snippets = prompt[:prompt.index(bos)]
+    assert len(snippets) == 4096 - 2048 + 2  # llama-server's budget: the window less a batch
+    last = text_tokens(coder, SNIPPET_SEPARATOR) + text_tokens(coder, extra[-1]["text"])
+    assert snippets[-len(last):] == last

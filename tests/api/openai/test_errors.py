@@ -178,3 +178,13 @@ def test_more_choices_than_the_queue_holds_is_a_400_not_a_retry_forever():
             assert engine_stats(http)["num_waiting"] == 0
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("raw", [
+    '{"model": "M", "messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"5": NaN}}',
+    '{"model": "M", "messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", '
+    '"json_schema": {"name": "x", "schema": {"type": "object", "properties": [1]}}}}',
+])
+def test_nan_and_malformed_schemas_are_400s(http, server, raw):
+    r = http.post("/v1/chat/completions", content=raw.replace('"M"', f'"{server.model}"').encode())
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
