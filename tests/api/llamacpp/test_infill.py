@@ -11,11 +11,9 @@ import pytest
 from deepserve.config import Settings
 from deepserve.fim import SNIPPET_SEPARATOR
 from tests.api.inprocess import serve_in_process
+from tests.api.openai.test_fim import CODER, PREFIX, SUFFIX  # the same code around the same gap
 
-CODER = "deepseek-ai/deepseek-coder-6.7b-instruct"
 KEY = "sk-infill-test"
-PREFIX = "def add(a, b):\n    return "
-SUFFIX = "\n\nprint(add(1, 2))\n"
 
 
 @pytest.fixture(scope="module")
