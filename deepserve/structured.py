@@ -295,11 +295,11 @@ def _check(schema: Any, where: str, defs: dict[str, Any]) -> None:
         extra = keys - {"type", "properties", "required", "additionalProperties"}
         if extra:
             raise SchemaConverterError(f"{where}: '{sorted(extra)[0]}' on an object is not supported")
-        properties = schema.get("properties") or {}
-        if not isinstance(properties, dict):
+        if not isinstance(schema.get("properties", {}), dict):
             raise SchemaConverterError(f"{where}/properties: must be an object")
-        if not isinstance(schema.get("required") or [], list):
+        if not isinstance(schema.get("required", []), list):
             raise SchemaConverterError(f"{where}/required: must be a list of property names")
+        properties = schema.get("properties") or {}
         for name, sub in properties.items():
             _check(sub, f"{where}/properties/{name}", defs)
         for name in schema.get("required") or []:

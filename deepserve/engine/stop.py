@@ -43,3 +43,44 @@ class StopStringMatcher:
                     best = length
                     break
         return best
+
+
+class EditorStops:
+    """llama-server's stops for code-editor plugins (n_indent, t_max_predict_ms), on the text as it comes.
+
+    `n_indent`: after the first line, a line indented less than this (a blank one too) ends the answer; the text is
+    cut just after that line's indentation. Every line is checked as soon as its first character that is not a space or a tab
+    arrives, so the cut always falls in the newest piece (llama-server checks a token later, and then cuts text it
+    may already have streamed). `t_max_predict_ms`: past this long generating, the answer ends at a new line."""
+
+    def __init__(self, n_indent: int = 0, t_max_predict_ms: int = 0):
+        self.n_indent, self.t_max_s = n_indent, t_max_predict_ms / 1000
+        self.text = ""
+        self.stopped = False
+        self._checked = 0  # lines starting before this position are known to be indented enough (or are first)
+
+    def feed(self, piece: str, generating_s: float) -> tuple[str, bool]:
+        """What of `piece` to keep, and whether the answer ends here."""
+        start = len(self.text)
+        self.text += piece
+        if self.n_indent > 0:
+            line = self.text.find("\n", self._checked)
+            while line >= 0:
+                line += 1  # the start of a line after the first
+                body = line
+                while body < len(self.text) and self.text[body] in " \t":
+                    body += 1
+                if body == len(self.text):  # nothing but indentation yet: decided by a later piece
+                    self._checked = line - 1
+                    break
+                if body - line < self.n_indent:  # a blank line too, as llama-server
+                    self.text, self.stopped = self.text[:body], True
+                    return piece[:body - start], True
+                self._checked = line
+                line = self.text.find("\n", line)
+            else:
+                self._checked = len(self.text)
+        if "\n" in piece and self.t_max_s > 0 and generating_s > self.t_max_s:
+            self.stopped = True
+            return piece, True
+        return piece, False

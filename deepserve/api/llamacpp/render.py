@@ -82,7 +82,8 @@ def final_result(choice: ChoiceResult, *, model: str, prompt: str, timings: Timi
         "truncated": truncated,  # the window ended the answer before n_predict did
         "stop_type": stop_type(choice),
         "stopping_word": choice.stop_reason or "",
-        "tokens_cached": max(0, choice.num_prompt_tokens + choice.num_generated_tokens - 1),  # the last not fed
+        # what the KV holds: the prompt and the output but its last token, which was never fed back
+        "tokens_cached": choice.num_prompt_tokens + max(0, choice.num_generated_tokens - 1),
         "timings": timings.to_json(choice),
     }
     if want_probs and not streamed:

@@ -63,40 +63,6 @@ async def infill(body: InfillRequest, request: Request, _: Principal = Depends(r
     return await _answer(request, model, body, prompt)
 
 
-class _EditorStops:
-    """llama-server's stops for editor plugins, on the text as it is generated: `n_indent` (after the first line,
-    a line indented less than this ends the answer, that line cut after its indentation) and `t_max_predict_ms`
-    (past this long generating, the answer ends at a new line)."""
-
-    def __init__(self, n_indent: int, t_max_predict_ms: int):
-        self.n_indent, self.t_max_s = n_indent, t_max_predict_ms / 1000
-        self.text = ""
-        self.last_line = 0  # where the line being written starts (0: still the first line)
-        self.has_new_line = False
-
-    def feed(self, piece: str, generating_s: float) -> tuple[str, bool]:
-        """What of `piece` to keep, and whether the answer ends here."""
-        start = len(self.text)
-        self.text += piece
-        stop = False
-        if self.has_new_line and self.n_indent > 0:
-            if self.last_line > 0:
-                pos = self.last_line
-                while pos < len(self.text) and self.text[pos] in " \t":
-                    pos += 1
-                if pos < len(self.text) and pos - self.last_line < self.n_indent:
-                    self.text = self.text[:pos]
-                    piece, stop = piece[:max(0, pos - start)], True
-            found = self.text.find("\n", self.last_line)
-            if found >= 0:
-                self.last_line = found + 1
-        if "\n" in piece:
-            self.has_new_line = True
-            if self.t_max_s > 0 and generating_s > self.t_max_s:
-                stop = True
-        return piece, stop
-
-
 async def _answer(request: Request, model: ServedModel, body: NativeCompletionRequest,
                   prompt: list[int] | TextPrompt) -> Response:
     requested = body.requested_max_tokens
@@ -136,26 +102,15 @@ class _Answer:
         self.body, self.model_id, self.prompt_text, self.timings = body, model_id, prompt_text, timings
         self.settings, self.num_prompt, self.window_limit = settings, num_prompt_tokens, window_limit
         self.choice = ChoiceResult(index=0)
-        self.stops = _EditorStops(body.n_indent, body.t_max_predict_ms)
 
     async def consume(self, stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[TokenDelta]:
-        """The deltas, their text cut where an editor stop ends the answer (the engine's request is then aborted,
-        and what was generated is what counts)."""
         async with contextlib.aclosing(stream):
             async for _, delta in stream:
                 self.num_prompt = delta.num_prompt_tokens or self.num_prompt
                 if delta.token_ids or delta.text:
                     self.timings.saw_token()
-                generating_s = time.perf_counter() - (self.timings.first_token or time.perf_counter())
-                delta.text, stop = self.stops.feed(delta.text, generating_s)
                 self.choice.add(delta)
                 yield delta
-                if stop and delta.finish_reason is None:
-                    choice = self.choice
-                    choice.text = self.stops.text  # the cut line may have begun in an earlier token (not streamed)
-                    choice.finish_reason, choice.num_generated_tokens = FinishReason.LENGTH, len(choice.token_ids)
-                    choice.num_prompt_tokens = self.num_prompt
-                    break
         self.timings.finished = time.perf_counter()
 
     async def events(self, stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[bytes]:

@@ -13,6 +13,9 @@ from deepserve.errors import InvalidRequestError
 from deepserve.structured import schema_grammar
 
 MAX_N_PROBS = 100  # llama-server has no limit; each costs a row of the vocabulary's sort
+# llama.cpp's one-letter sampler names (common/sampling.cpp)
+SAMPLER_LETTERS = {"k": "top_k", "p": "top_p", "m": "min_p", "t": "temperature", "e": "penalties", "y": "typ_p",
+                   "d": "dry", "x": "xtc", "s": "top_n_sigma", "i": "infill", "a": "adaptive_p"}
 BAN = -100.0  # llama-server's `false` bias (never this token): the strongest bias deepserve's sampler takes
 
 
@@ -43,7 +46,7 @@ class NativeCompletionRequest(BaseModel):
     response_fields: list[str] | None = None
     # Which samplers run (llama-server's `samplers`; llama.vim sends ["top_k", "top_p", "infill"]): one left out
     # does nothing, e.g. no "temperature" samples at 1.0. None: all of them.
-    samplers: list[str] | None = None
+    samplers: list[str] | str | None = None
     n_indent: int = Field(0, ge=0)  # after the first line, stop at a line indented less than this (editor plugins)
     t_max_predict_ms: int = Field(0, ge=0)  # after this long generating, stop at the next new line (0: no limit)
 
@@ -65,7 +68,10 @@ class NativeCompletionRequest(BaseModel):
             grammar = GrammarSpec(gbnf=self.grammar, root="root")
         elif self.json_schema is not None:
             grammar = schema_grammar(self.json_schema)
-        runs = (lambda name: True) if self.samplers is None else (lambda name: name in self.samplers)  # noqa: E731
+        samplers = self.samplers
+        if isinstance(samplers, str):  # llama-server's letter form, e.g. "kpt"
+            samplers = [SAMPLER_LETTERS.get(letter, letter) for letter in samplers]
+        runs = (lambda name: True) if samplers is None else (lambda name: name in samplers)  # noqa: E731
         penalties = runs("penalties")
         return SamplingParams(
             temperature=self.temperature if runs("temperature") else 1.0,
@@ -79,6 +85,7 @@ class NativeCompletionRequest(BaseModel):
             max_tokens=max_tokens, stop=list(self.stop), ignore_eos=self.ignore_eos,
             logprobs=self.n_probs > 0, top_logprobs=max(0, self.n_probs),
             logit_bias=self._logit_bias(tokenize), grammar=grammar,
+            n_indent=self.n_indent, t_max_predict_ms=self.t_max_predict_ms,
         )
 
     def _logit_bias(self, tokenize) -> dict[int, float]:
@@ -95,9 +102,14 @@ class NativeCompletionRequest(BaseModel):
                 continue
             if value is False:
                 value = BAN
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InvalidRequestError(f"logit_bias: {value!r} is not a number or false.", param="logit_bias")
-            if isinstance(key, str) and re.fullmatch(r"-?[0-9]+", key) and isinstance(self.logit_bias, dict):
+            try:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError
+                value = float(value)
+            except (ValueError, OverflowError):
+                raise InvalidRequestError("logit_bias: a bias is not a finite number or false.",
+                                          param="logit_bias") from None
+            if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,12}", key) and isinstance(self.logit_bias, dict):
                 ids = [int(key)]
             elif isinstance(key, str):
                 ids = tokenize(key)

@@ -19,7 +19,7 @@ from deepserve.engine.collector import Postbox, RequestCollector
 from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner
 from deepserve.engine.llamacpp.scheduler import Admission, ScheduledChunk, Scheduler, Sequence, StepPlan
 from deepserve.engine.prompt_cache import MIB, HostPromptCache
-from deepserve.engine.stop import StopStringMatcher
+from deepserve.engine.stop import EditorStops, StopStringMatcher
 from deepserve.engine.types import (
     FinishReason,
     GenerateRequest,
@@ -48,6 +48,8 @@ class _SequenceState:
     close_forced: bool = False  # the engine has closed the reasoning itself (budget spent)
     num_tool_calls: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # scored so far, sent with the first token
+    editor: EditorStops | None = None  # n_indent / t_max_predict_ms
+    first_token_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -452,6 +454,8 @@ class LlamaCppEngine:
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         state.sampler = self.runner.new_sampler(params, seed)
         state.stop = StopStringMatcher(params.stop)
+        if params.n_indent or params.t_max_predict_ms:
+            state.editor = EditorStops(params.n_indent, params.t_max_predict_ms)
         if params.reasoning is not None:
             prefix = params.reasoning.opened or prompt_reasoning_prefix(self._prompt_tail(seq.prompt_tokens))
             if params.reasoning.enabled or prefix is not None:
@@ -556,12 +560,15 @@ class LlamaCppEngine:
                 state.num_reasoning_tokens += 1
             if delta.stop_reason is not None:
                 status = RequestStatus.FINISHED_STOPPED
+            elif state.editor is not None and self._editor_stops(state, delta):
+                status = RequestStatus.FINISHED_LENGTH  # llama-server's stop_type "limit"
         if status is None and len(seq.output_tokens) >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
             self._postbox.put(state.collector, delta)
             return False
-        if delta.stop_reason is None:  # not cut by a stop string: release what was held back
+        if delta.stop_reason is None and not (state.editor is not None and state.editor.stopped):
+            # Not cut by a stop string or an editor stop: release what was held back.
             # Bytes still buffered are a character the output was cut inside: dropped, as llama-server does,
             # rather than sent as U+FFFD, a character the model never wrote.
             state.decoder.reset()
@@ -570,6 +577,14 @@ class LlamaCppEngine:
             delta.finish_reason = FinishReason.TOOL_CALLS
         self._finish(seq, status, delta=delta)
         return True
+
+    @staticmethod
+    def _editor_stops(state: _SequenceState, delta: TokenDelta) -> bool:
+        now = time.perf_counter()
+        if state.first_token_at is None:
+            state.first_token_at = now
+        delta.text, stop = state.editor.feed(delta.text, now - state.first_token_at)
+        return stop
 
     def _emit(self, state: _SequenceState, delta: TokenDelta, text: str, *, final: bool = False) -> None:
         """Text → reasoning (shaped per the request's style) → content → tool calls → stop strings → delta."""

@@ -184,6 +184,9 @@ def test_more_choices_than_the_queue_holds_is_a_400_not_a_retry_forever():
     '{"model": "M", "messages": [{"role": "user", "content": "Hi"}], "logit_bias": {"5": NaN}}',
     '{"model": "M", "messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", '
     '"json_schema": {"name": "x", "schema": {"type": "object", "properties": [1]}}}}',
+    '{"model": "M", "messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", '
+    '"json_schema": {"name": "x", "schema": {"type": "object", "properties": null}}}}',
+    '{"model": "M", "messages": [{"role": "user", "content": "Hi"}], "temperature": Infinity}',
 ])
 def test_nan_and_malformed_schemas_are_400s(http, server, raw):
     r = http.post("/v1/chat/completions", content=raw.replace('"M"', f'"{server.model}"').encode())
