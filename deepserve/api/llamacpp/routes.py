@@ -19,7 +19,7 @@ from deepserve.chat_options import apply_model_defaults
 from deepserve.engine.types import FinishReason, TextPrompt, TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
 from deepserve.fim import infill_prompt_tokens
-from deepserve.serving import ChoiceResult, ServedModel, metered_generate
+from deepserve.serving import ChoiceResult, ServedModel, fan_in, metered_generate_many
 
 PATHS = ("/completion", "/infill")
 router = APIRouter(tags=["llama.cpp"])
@@ -39,16 +39,20 @@ def _model(request: Request, model_id: str | None) -> ServedModel:
 @router.post("/completion", summary="llama-server's completion (raw prompt, its fields and answer)")
 async def completion(body: NativeCompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model = _model(request, body.model)
-    if isinstance(body.prompt, str):
-        prompt: list[int] | TextPrompt = model.text_prompt_tokens(body.prompt)  # special tokens read, as there
+    return await _answer(request, model, body, [_prompt(model, p) for p in body.prompts()])
+
+
+def _prompt(model: ServedModel, prompt: str | list[int]) -> list[int] | TextPrompt:
+    if isinstance(prompt, str):
+        tokens: list[int] | TextPrompt = model.text_prompt_tokens(prompt)  # special tokens read, as there
     elif model.takes_text_prompts:
         raise InvalidRequestError("This model is served by an upstream engine: send the prompt as text.",
                                   param="prompt")
     else:
-        prompt = list(body.prompt)
-    if not len(prompt):
+        tokens = list(prompt)
+    if not len(tokens):
         raise InvalidRequestError("The prompt is empty.", param="prompt")
-    return await _answer(request, model, body, prompt)
+    return tokens
 
 
 @router.post("/infill", summary="llama-server's code infill (the code around the cursor, other files' snippets)")
@@ -60,83 +64,102 @@ async def infill(body: InfillRequest, request: Request, _: Principal = Depends(r
     prompt = infill_prompt_tokens(model, body.input_prefix, body.input_suffix,
                                   [(c.filename, c.text) for c in body.input_extra], body.prompt,
                                   body.requested_max_tokens)
-    return await _answer(request, model, body, prompt)
+    return await _answer(request, model, body, [prompt])
 
 
 async def _answer(request: Request, model: ServedModel, body: NativeCompletionRequest,
-                  prompt: list[int] | TextPrompt) -> Response:
+                  prompts: list[list[int] | TextPrompt]) -> Response:
+    longest = max(len(p) for p in prompts)
     requested = body.requested_max_tokens
     clamped = False
-    if requested is not None and not isinstance(prompt, TextPrompt) and 0 < model.ctx_size - len(prompt) < requested:
+    local = not any(isinstance(p, TextPrompt) for p in prompts)
+    if requested is not None and local and 0 < model.ctx_size - longest < requested:
         # llama-server generates until the window is full rather than refusing (and says `truncated`).
-        requested, clamped = model.ctx_size - len(prompt), True
-    max_tokens = model.resolve_max_tokens(requested, len(prompt))
+        requested, clamped = model.ctx_size - longest, True
+    max_tokens = model.resolve_max_tokens(requested, longest)
     tokenize = lambda text: model.engine.tokenize(text, add_special=False, parse_special=False)  # noqa: E731
     omitted = {"max_tokens"} if requested is None else set()
     sampling = apply_model_defaults(model, body.to_sampling(max_tokens, tokenize), omitted=omitted,
-                                    num_prompt_tokens=len(prompt))
+                                    num_prompt_tokens=longest)
     sampling.max_tokens_fits_balance = requested is None
     check_grammar = getattr(model.engine, "check_grammar", None)
     if body.grammar and check_grammar is not None:
         await asyncio.to_thread(check_grammar, body.grammar)
-    timings = render.Timings()
-    stream = await metered_generate(request, model, prompt, sampling)
-    answer = _Answer(body, model.model_id, _prompt_text(model, prompt, body), timings,
-                     _settings(body, sampling.max_tokens),  # what billing left of a default n_predict
-                     0 if isinstance(prompt, TextPrompt) else len(prompt),  # an upstream tells its count as it goes
-                     sampling.max_tokens if clamped else None)
+    streams = await metered_generate_many(request, model, prompts, sampling)
+    settings = _settings(body, sampling.max_tokens)  # what billing left of a default n_predict
+    answers = [_Answer(i, body, model.model_id, _prompt_text(model, p, body), settings,
+                       0 if isinstance(p, TextPrompt) else len(p),  # an upstream tells its count as it goes
+                       sampling.max_tokens if clamped else None) for i, p in enumerate(prompts)]
     if body.stream:
-        return sse.sse_response(answer.events(stream))
-    async for _ in answer.consume(stream):
-        pass
-    if answer.choice.error is not None:
-        raise EngineError(f"The engine failed while generating: {answer.choice.error}")
-    return JSONResponse(render.pick_fields(answer.result(streamed=False), body.response_fields))
+        return sse.sse_response(_events(answers, streams))
+    try:
+        for answer, stream in zip(answers, streams):
+            async for _, delta in stream:
+                answer.add(delta)
+    finally:  # a client gone while an earlier prompt was read: the later prompts' requests are aborted too
+        for stream in streams:
+            await stream.aclose()
+    for answer in answers:
+        if answer.choice.error is not None:
+            raise EngineError(f"The engine failed while generating: {answer.choice.error}")
+    results = [render.pick_fields(a.result(streamed=False), body.response_fields) for a in answers]
+    # Several prompts: an array of results, as llama-server answers them (one prompt: the result itself).
+    return JSONResponse(results[0] if body.single_prompt else results)
+
+
+async def _events(answers: list[_Answer], streams: list[AsyncIterator[tuple[int, TokenDelta]]]) -> AsyncIterator[bytes]:
+    """One event a token (its text, id and probabilities; `index`: its prompt), then each prompt's final result
+    when it ends; no [DONE], as llama-server."""
+    async with contextlib.aclosing(fan_in(streams)) as merged:
+        async for index, (_, delta) in merged:
+            answer = answers[index]
+            answer.add(delta)
+            if delta.error is not None:
+                yield sse.event(render.error_body(500, f"The engine failed while generating: {delta.error}",
+                                                  "server_error"))
+                return
+            if delta.text or delta.token_ids:
+                yield sse.event(answer.token_event(delta))
+            if delta.finish_reason is not None:
+                yield sse.event(render.pick_fields(answer.result(streamed=True), answer.body.response_fields))
 
 
 class _Answer:
-    """One request's answer as it comes: the choice so far, the editor stops, the timings."""
+    """One prompt's answer as it comes: the choice so far and its timings."""
 
-    def __init__(self, body: NativeCompletionRequest, model_id: str, prompt_text: str, timings: render.Timings,
-                  settings: dict[str, Any], num_prompt_tokens: int, window_limit: int | None):
-        self.body, self.model_id, self.prompt_text, self.timings = body, model_id, prompt_text, timings
+    def __init__(self, index: int, body: NativeCompletionRequest, model_id: str, prompt_text: str,
+                 settings: dict[str, Any], num_prompt_tokens: int, window_limit: int | None):
+        self.index, self.body, self.model_id, self.prompt_text = index, body, model_id, prompt_text
         self.settings, self.num_prompt, self.window_limit = settings, num_prompt_tokens, window_limit
+        self.timings = render.Timings()
         self.choice = ChoiceResult(index=0)
 
-    async def consume(self, stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[TokenDelta]:
-        async with contextlib.aclosing(stream):
-            async for _, delta in stream:
-                self.num_prompt = delta.num_prompt_tokens or self.num_prompt
-                if delta.token_ids or delta.text:
-                    self.timings.saw_token()
-                self.choice.add(delta)
-                yield delta
-        self.timings.finished = time.perf_counter()
+    def add(self, delta: TokenDelta) -> None:
+        self.num_prompt = delta.num_prompt_tokens or self.num_prompt
+        if delta.token_ids or delta.text:
+            self.timings.saw_token()
+        self.choice.add(delta)
+        if delta.finish_reason is not None:
+            self.timings.finished = time.perf_counter()
 
-    async def events(self, stream: AsyncIterator[tuple[int, TokenDelta]]) -> AsyncIterator[bytes]:
-        """One event a token (its text, id and probabilities), then the final result; no [DONE], as llama-server."""
-        async with contextlib.aclosing(self.consume(stream)) as deltas:
-            async for delta in deltas:
-                if delta.error is not None:
-                    yield sse.event(render.error_body(500, f"The engine failed while generating: {delta.error}",
-                                                      "server_error"))
-                    return
-                if delta.text or delta.token_ids:
-                    event = {"index": 0, "content": delta.text, "tokens": list(delta.token_ids), "stop": False,
-                             "id_slot": render.NO_SLOT, "tokens_predicted": len(self.choice.token_ids),
-                             "tokens_evaluated": self.num_prompt}
-                    if self.body.n_probs > 0 and delta.logprobs:
-                        event["completion_probabilities"] = render.probabilities(delta.logprobs)
-                    yield sse.event(event)
-        yield sse.event(render.pick_fields(self.result(streamed=True), self.body.response_fields))
+    def token_event(self, delta: TokenDelta) -> dict[str, Any]:
+        event = {"index": self.index, "content": delta.text, "tokens": list(delta.token_ids), "stop": False,
+                 "id_slot": render.NO_SLOT, "tokens_predicted": len(self.choice.token_ids),
+                 "tokens_evaluated": self.num_prompt}
+        if self.body.n_probs > 0 and delta.logprobs:
+            event["completion_probabilities"] = render.probabilities(delta.logprobs)
+        return event
 
     def result(self, *, streamed: bool) -> dict[str, Any]:
         choice = self.choice
         truncated = (self.window_limit is not None and choice.finish_reason == FinishReason.LENGTH
                      and choice.num_generated_tokens >= self.window_limit)
-        return render.final_result(choice, model=self.model_id, prompt=self.prompt_text, timings=self.timings,
-                                   settings=self.settings, streamed=streamed, return_tokens=self.body.return_tokens,
-                                   want_probs=self.body.n_probs > 0, truncated=truncated)
+        result = render.final_result(choice, model=self.model_id, prompt=self.prompt_text, timings=self.timings,
+                                     settings=self.settings, streamed=streamed,
+                                     return_tokens=self.body.return_tokens, want_probs=self.body.n_probs > 0,
+                                     truncated=truncated)
+        result["index"] = self.index
+        return result
 
 
 def _prompt_text(model: ServedModel, prompt: list[int] | TextPrompt, body: NativeCompletionRequest) -> str:

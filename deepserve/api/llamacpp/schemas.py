@@ -24,7 +24,7 @@ class NativeCompletionRequest(BaseModel):
     # t_max_predict_ms...) are ignored, as llama-server ignores fields it does not know.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON's Infinity / NaN literals: 400
     model: str | None = None  # llama-server serves one model; deepserve may serve several
-    prompt: str | list[StrictInt] = ""
+    prompt: str | list[StrictInt] | list[str | list[StrictInt]] = ""  # one prompt (text or ids), or several
     n_predict: int = Field(-1, ge=-1)  # -1: until the end of the context window (or the catalog's default)
     max_tokens: int | None = Field(None, ge=-1)  # llama-server's alias of n_predict
     temperature: float = Field(0.8, ge=0.0)
@@ -54,6 +54,13 @@ class NativeCompletionRequest(BaseModel):
     @classmethod
     def _one_stop(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @property
+    def single_prompt(self) -> bool:
+        return isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int)
+
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt] if self.single_prompt else list(self.prompt)  # type: ignore[list-item]
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -192,3 +192,18 @@ def test_a_samplers_string_is_llama_cpps_letters(http):
     body = {"prompt": PROMPT, "n_predict": 12, "seed": 7, "temperature": 0.1, "min_p": 0.3, "ignore_eos": True}
     assert native(http, {**body, "samplers": "kp"})["content"] == native(
         http, {**body, "samplers": ["top_k", "top_p"]})["content"]
+
+
+def test_several_prompts_get_an_array_of_results_streamed_interleaved_by_index(http):
+    body = {"n_predict": 6, "temperature": 0, "ignore_eos": True}
+    prompts = [PROMPT, "The capital of Italy is"]
+    singles = [native(http, {**body, "prompt": p})["content"] for p in prompts]
+    both = http.post("/completion", json={**body, "prompt": prompts}).json()
+    assert [r["content"] for r in both] == singles and [r["index"] for r in both] == [0, 1]
+    with http.stream("POST", "/completion", json={**body, "prompt": prompts, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    for index in (0, 1):
+        mine = [e for e in events if e["index"] == index]
+        assert "".join(e["content"] for e in mine) == singles[index]
+        assert [e["stop"] for e in mine].count(True) == 1 and mine[-1]["stop"] is True
+    assert http.post("/completion", json={**body, "prompt": [1, "mixed"]}).status_code == 400
