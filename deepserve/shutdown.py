@@ -110,7 +110,7 @@ class DrainGuard:
         if path == "/v1/health/ready":
             response = JSONResponse({"object": "health.response", "message": "Service is shutting down."},
                                     status_code=503, headers=headers)
-        elif path == "/health":
+        elif path in ("/health", "/v1/health"):
             response = JSONResponse({"status": "shutting_down"}, status_code=503, headers=headers)
         else:
             error = ServiceUnavailableError("The server is shutting down. Retry the request on another replica.")

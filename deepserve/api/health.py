@@ -16,6 +16,7 @@ def _engines_ready(request: Request) -> bool:
 
 
 @router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: uptime checkers
+@router.api_route("/v1/health", methods=["GET", "HEAD"], include_in_schema=False)  # llama-server answers both
 async def health(request: Request) -> JSONResponse:
     ready = _engines_ready(request)
     body: dict[str, Any] = {"status": "ok" if ready else "loading"}

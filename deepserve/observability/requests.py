@@ -27,7 +27,7 @@ request_log = logging.getLogger("deepserve.requests")
 
 STATE_KEY = "observation"
 # Probes and scrapes: not counted as requests, not logged (they would drown the real traffic).
-QUIET_PATHS = frozenset({"/metrics", "/v1/metrics", "/health", "/v1/health/live", "/v1/health/ready"})
+QUIET_PATHS = frozenset({"/metrics", "/v1/metrics", "/health", "/v1/health", "/v1/health/live", "/v1/health/ready"})
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PROMPT_LOG_LIMIT = 64 * 1024  # characters of prompt a log line may carry when prompt logging is on
 CLIENT_CLOSED = 499  # nginx's code for "the client went away before the answer"

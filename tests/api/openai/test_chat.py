@@ -200,6 +200,7 @@ def test_models_list_and_get(client: openai.OpenAI, server):
 
 def test_health_endpoints(http):
     assert http.get("/health").json()["status"] == "ok"
+    assert http.get("/v1/health").json()["status"] == "ok"  # llama-server's second path
     assert http.get("/v1/health/live").status_code == 200
     ready = http.get("/v1/health/ready")
     assert ready.status_code == 200 and ready.json()["object"] == "health.response"
