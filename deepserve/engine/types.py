@@ -95,6 +95,9 @@ class SamplingParams:
     # max_tokens is a default, not the client's: a metered request may get fewer, as many as its balance covers,
     # rather than a 402 for a worst case the client never asked for (OpenRouter does the same).
     max_tokens_fits_balance: bool = False
+    # llama-server's repeat_last_n: the penalties look at this many last tokens, the prompt's included (0: no
+    # penalties). None: every token generated and none of the prompt, OpenAI's "tokens so far".
+    penalty_last_n: int | None = None
     # llama-server's editor stops (deepserve.engine.stop.EditorStops): 0 is off
     n_indent: int = 0
     t_max_predict_ms: int = 0

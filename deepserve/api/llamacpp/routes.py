@@ -172,6 +172,7 @@ def _prompt_text(model: ServedModel, prompt: list[int] | TextPrompt, body: Nativ
 def _settings(body: NativeCompletionRequest, max_tokens: int) -> dict[str, Any]:
     return {"n_predict": max_tokens, "seed": body.seed, "temperature": body.temperature, "top_k": body.top_k,
             "top_p": body.top_p, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
+            "repeat_last_n": body.repeat_last_n,
             "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
             "stop": body.stop, "ignore_eos": body.ignore_eos, "n_probs": body.n_probs, "stream": body.stream,
             "grammar": body.grammar or ""}

@@ -32,6 +32,7 @@ class NativeCompletionRequest(BaseModel):
     top_p: float = Field(0.95, ge=0.0, le=1.0)
     min_p: float = Field(0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(1.0, ge=0.0, le=2.0)
+    repeat_last_n: int = Field(64, ge=-1)  # tokens the penalties look at, the prompt's included (-1: the window)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int = -1  # -1 (llama-server's LLAMA_DEFAULT_SEED): a random seed
@@ -92,7 +93,7 @@ class NativeCompletionRequest(BaseModel):
             max_tokens=max_tokens, stop=list(self.stop), ignore_eos=self.ignore_eos,
             logprobs=self.n_probs > 0, top_logprobs=max(0, self.n_probs),
             logit_bias=self._logit_bias(tokenize), grammar=grammar,
-            n_indent=self.n_indent, t_max_predict_ms=self.t_max_predict_ms,
+            n_indent=self.n_indent, t_max_predict_ms=self.t_max_predict_ms, penalty_last_n=self.repeat_last_n,
         )
 
     def _logit_bias(self, tokenize) -> dict[int, float]:

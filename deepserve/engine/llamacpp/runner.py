@@ -149,6 +149,18 @@ def _free_threadpool(pool: int) -> None:
     cpu.ggml_threadpool_free(pool)
 
 
+def penalizes(params: SamplingParams) -> bool:
+    return (params.penalty_last_n != 0
+            and (params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)))
+
+
+def penalty_window(params: SamplingParams, ctx_size: int) -> int:
+    """How many last tokens the penalties look at (see SamplingParams.penalty_last_n)."""
+    if params.penalty_last_n is None:
+        return max(64, min(params.max_tokens, 4096))
+    return ctx_size if params.penalty_last_n < 0 else params.penalty_last_n
+
+
 class LlamaRunner:
     def __init__(
         self,
@@ -371,13 +383,14 @@ class LlamaRunner:
             )
             add(llama.llama_sampler_init_logit_bias(self.num_vocab, len(biases), biases))
             self._biased[_address(chain)] = np.fromiter(params.logit_bias, dtype=np.int32)
-        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+        if penalizes(params):
             add(
                 llama.llama_sampler_init_penalties(
                     self.num_vocab,
                     # Window = everything this request may generate (prompt tokens are not fed to the
-                    # chain), so frequency/presence penalties follow OpenAI's "tokens so far" meaning.
-                    max(64, min(params.max_tokens, 4096)),
+                    # chain), so frequency/presence penalties follow OpenAI's "tokens so far" meaning; or
+                    # llama-server's last n tokens, the prompt's fed first (the engine does it).
+                    penalty_window(params, self.ctx_size_per_seq),
                     params.repetition_penalty,
                     params.frequency_penalty,
                     params.presence_penalty,

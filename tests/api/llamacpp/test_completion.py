@@ -207,3 +207,18 @@ def test_several_prompts_get_an_array_of_results_streamed_interleaved_by_index(h
         assert "".join(e["content"] for e in mine) == singles[index]
         assert [e["stop"] for e in mine].count(True) == 1 and mine[-1]["stop"] is True
     assert http.post("/completion", json={**body, "prompt": [1, "mixed"]}).status_code == 400
+
+
+def test_penalties_look_at_the_prompt_as_llama_servers_do(http, server):
+    """repeat_last_n (64) tokens, the prompt's included: the very first token is already penalised for repeating
+    the prompt; on /v1 (OpenAI's meaning) only generated tokens count, so the first token is the unpenalised one."""
+    prompt = "1, 1, 1, 1, 1, 1, 1, 1,"
+    plain = native(http, {"prompt": prompt, "n_predict": 1, "temperature": 0, "return_tokens": True})["tokens"]
+    native_penalised = native(http, {"prompt": prompt, "n_predict": 1, "temperature": 0, "return_tokens": True,
+                                     "repeat_penalty": 2.0})["tokens"]
+    off = native(http, {"prompt": prompt, "n_predict": 1, "temperature": 0, "return_tokens": True,
+                        "repeat_penalty": 2.0, "repeat_last_n": 0})["tokens"]
+    v1 = http.post("/v1/completions", json={"model": server.model, "prompt": prompt, "max_tokens": 1,
+                                            "temperature": 0, "repetition_penalty": 2.0, "logprobs": 0}).json()
+    assert native_penalised != plain and off == plain
+    assert v1["choices"][0]["text"] == native(http, {"prompt": prompt, "n_predict": 1, "temperature": 0})["content"]
