@@ -92,8 +92,8 @@ def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: li
     written = tokens(prompt, special=True)
     before = tokens(prefix[-keep_before * MAX_TOKEN_CHARS:])
     after = tokens(suffix[:keep_after * MAX_TOKEN_CHARS])
-    before = before[len(before) - min(len(before), keep_before):]
-    after = after[:min(len(after), max(0, keep_after - (2 + len(written))))]
+    before = before[-keep_before:]
+    after = after[:max(0, keep_after - (2 + len(written)))]
     bos = engine.tokenize("", add_special=True, parse_special=False)
     core = [*bos, pre, *before, *written, suf, *after, mid]
     room = INFILL_ROOM if max_tokens is None else max_tokens

@@ -201,6 +201,15 @@ class ModelRegistry:
                        f"Available models: {available}.")
         raise ModelNotFoundError(message, param="model")
 
+    def named_or_only(self, model_id: str | None) -> ServedModel:
+        """The named model, or the one served when the request names none (llama-server's requests have no model
+        field); a server with several models needs the name."""
+        if model_id is not None:
+            return self.get(model_id)
+        if len(self._models) != 1:
+            raise InvalidRequestError(f"Name the model: this server serves {len(self._models)}.", param="model")
+        return next(iter(self._models.values()))
+
     def _has_weights(self, model_id: str) -> bool:
         local = self.local.get(model_id) if self.local is not None else None
         return local is not None and local.is_present

@@ -49,14 +49,7 @@ class DetokenizeRequest(BaseModel):
 
 
 def _local_model(request: Request, model_id: str | None) -> ServedModel:
-    models = request.app.state.models
-    if model_id is None:
-        served = list(models)
-        if len(served) != 1:
-            raise InvalidRequestError(f"Name the model: this server serves {len(served)}.", param="model")
-        model = served[0]
-    else:
-        model = models.get(model_id)
+    model = request.app.state.models.named_or_only(model_id)
     if model.takes_text_prompts:
         raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine: tokenize there.",
                                   param="model")

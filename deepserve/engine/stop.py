@@ -49,9 +49,9 @@ class EditorStops:
     """llama-server's stops for code-editor plugins (n_indent, t_max_predict_ms), on the text as it comes.
 
     `n_indent`: after the first line, a line indented less than this (a blank one too) ends the answer; the text is
-    cut just after that line's indentation. Every line is checked as soon as its first character that is not a space or a tab
-    arrives, so the cut always falls in the newest piece (llama-server checks a token later, and then cuts text it
-    may already have streamed). `t_max_predict_ms`: past this long generating, the answer ends at a new line."""
+    cut just after that line's indentation. Every line is checked as soon as its first character that is not a
+    space or a tab arrives, so the cut always falls in the newest piece (llama-server checks a token later, and
+    then cuts text it may already have streamed). `t_max_predict_ms`: past this long generating, the answer ends at a new line."""
 
     def __init__(self, n_indent: int = 0, t_max_predict_ms: int = 0):
         self.n_indent, self.t_max_s = n_indent, t_max_predict_ms / 1000

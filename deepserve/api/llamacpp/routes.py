@@ -25,20 +25,9 @@ PATHS = ("/completion", "/infill")
 router = APIRouter(tags=["llama.cpp"])
 
 
-def _model(request: Request, model_id: str | None) -> ServedModel:
-    """The named model, or the one served (llama-server's requests name none)."""
-    models = request.app.state.models
-    if model_id is not None:
-        return models.get(model_id)
-    served = list(models)
-    if len(served) != 1:
-        raise InvalidRequestError(f"Name the model: this server serves {len(served)}.", param="model")
-    return served[0]
-
-
 @router.post("/completion", summary="llama-server's completion (raw prompt, its fields and answer)")
 async def completion(body: NativeCompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
-    model = _model(request, body.model)
+    model = request.app.state.models.named_or_only(body.model)
     return await _answer(request, model, body, [_prompt(model, p) for p in body.prompts()])
 
 
@@ -57,7 +46,7 @@ def _prompt(model: ServedModel, prompt: str | list[int]) -> list[int] | TextProm
 
 @router.post("/infill", summary="llama-server's code infill (the code around the cursor, other files' snippets)")
 async def infill(body: InfillRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
-    model = _model(request, body.model)
+    model = request.app.state.models.named_or_only(body.model)
     if model.takes_text_prompts:
         raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine, which builds "
                                   "its own infill prompt: send /infill there.", param="model")

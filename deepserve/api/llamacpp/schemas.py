@@ -20,8 +20,8 @@ BAN = -100.0  # llama-server's `false` bias (never this token): the strongest bi
 
 
 class NativeCompletionRequest(BaseModel):
-    # Fields llama-server takes and deepserve has no use for (cache_prompt, samplers, id_slot, typical_p,
-    # t_max_predict_ms...) are ignored, as llama-server ignores fields it does not know.
+    # Fields llama-server takes and deepserve has no use for (cache_prompt, id_slot, typical_p,
+    # post_sampling_probs...) are ignored, as llama-server ignores fields it does not know.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON's Infinity / NaN literals: 400
     model: str | None = None  # llama-server serves one model; deepserve may serve several
     prompt: str | list[StrictInt] | list[str | list[StrictInt]] = ""  # one prompt (text or ids), or several
@@ -65,7 +65,8 @@ class NativeCompletionRequest(BaseModel):
 
     @property
     def requested_max_tokens(self) -> int | None:
-        n = self.max_tokens if self.max_tokens is not None and "n_predict" not in self.model_fields_set else self.n_predict
+        given_max_tokens = self.max_tokens is not None and "n_predict" not in self.model_fields_set
+        n = self.max_tokens if given_max_tokens else self.n_predict
         return None if n < 0 else n
 
     def to_sampling(self, max_tokens: int, tokenize) -> SamplingParams:
@@ -110,13 +111,8 @@ class NativeCompletionRequest(BaseModel):
                 continue
             if value is False:
                 value = BAN
-            try:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise ValueError
-                value = float(value)
-            except (ValueError, OverflowError):
-                raise InvalidRequestError("logit_bias: a bias is not a finite number or false.",
-                                          param="logit_bias") from None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+                raise InvalidRequestError("logit_bias: a bias is not a finite number or false.", param="logit_bias")
             if isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,12}", key) and isinstance(self.logit_bias, dict):
                 ids = [int(key)]
             elif isinstance(key, str):
@@ -129,6 +125,13 @@ class NativeCompletionRequest(BaseModel):
                 if token >= 0:  # llama-server skips negative ids
                     bias[token] = max(BAN, min(100.0, float(value)))
         return bias
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer past any float (a JSON number of 310 digits)
+        return False
 
 
 class ExtraChunk(BaseModel):

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from deepserve.engine.collector import Postbox, RequestCollector
-from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner, penalizes, penalty_window
+from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner
 from deepserve.engine.llamacpp.scheduler import Admission, ScheduledChunk, Scheduler, Sequence, StepPlan
 from deepserve.engine.prompt_cache import MIB, HostPromptCache
 from deepserve.engine.stop import EditorStops, StopStringMatcher
@@ -452,11 +452,7 @@ class LlamaCppEngine:
         state: _SequenceState = seq.state
         params = seq.request.sampling
         seed = params.seed if params.seed is not None else random.getrandbits(32)
-        state.sampler = self.runner.new_sampler(params, seed)
-        if params.penalty_last_n is not None and penalizes(params):
-            # llama-server feeds the prompt to the sampler: its last tokens count for the penalties too.
-            for token in seq.prompt_tokens[-penalty_window(params, self.runner.ctx_size_per_seq):]:
-                self.runner.accept(state.sampler, token)
+        state.sampler = self.runner.new_sampler(params, seed, seq.prompt_tokens)
         state.stop = StopStringMatcher(params.stop)
         if params.n_indent or params.t_max_predict_ms:
             state.editor = EditorStops(params.n_indent, params.t_max_predict_ms)

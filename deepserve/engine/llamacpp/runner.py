@@ -149,18 +149,6 @@ def _free_threadpool(pool: int) -> None:
     cpu.ggml_threadpool_free(pool)
 
 
-def penalizes(params: SamplingParams) -> bool:
-    return (params.penalty_last_n != 0
-            and (params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)))
-
-
-def penalty_window(params: SamplingParams, ctx_size: int) -> int:
-    """How many last tokens the penalties look at (see SamplingParams.penalty_last_n)."""
-    if params.penalty_last_n is None:
-        return max(64, min(params.max_tokens, 4096))
-    return ctx_size if params.penalty_last_n < 0 else params.penalty_last_n
-
-
 class LlamaRunner:
     def __init__(
         self,
@@ -374,7 +362,9 @@ class LlamaRunner:
         return np.ctypeslib.as_array(ptr, shape=(self.num_vocab,))
 
     # ---- sampling ----------------------------------------------------------------------------
-    def new_sampler(self, params: SamplingParams, seed: int) -> int:
+    def new_sampler(self, params: SamplingParams, seed: int, prompt: list[int] | None = None) -> int:
+        """The request's sampler chain. With llama-server's penalty window (params.penalty_last_n), the prompt's
+        last tokens are fed to it first, as llama-server does, so that the penalties count them too."""
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = lambda s: llama.llama_sampler_chain_add(chain, s)  # noqa: E731
         if params.logit_bias:  # first, as llama.cpp's own sampler does: it shifts what every later stage sees
@@ -383,14 +373,19 @@ class LlamaRunner:
             )
             add(llama.llama_sampler_init_logit_bias(self.num_vocab, len(biases), biases))
             self._biased[_address(chain)] = np.fromiter(params.logit_bias, dtype=np.int32)
-        if penalizes(params):
+        penalized = params.penalty_last_n != 0 and (
+            params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty))
+        if params.penalty_last_n is None:
+            # Window = everything this request may generate (prompt tokens are not fed to the chain), so
+            # frequency/presence penalties follow OpenAI's "tokens so far" meaning.
+            window = max(64, min(params.max_tokens, 4096))
+        else:  # llama-server's last n tokens (-1: the window), the prompt's fed below
+            window = self.ctx_size_per_seq if params.penalty_last_n < 0 else params.penalty_last_n
+        if penalized:
             add(
                 llama.llama_sampler_init_penalties(
                     self.num_vocab,
-                    # Window = everything this request may generate (prompt tokens are not fed to the
-                    # chain), so frequency/presence penalties follow OpenAI's "tokens so far" meaning; or
-                    # llama-server's last n tokens, the prompt's fed first (the engine does it).
-                    penalty_window(params, self.ctx_size_per_seq),
+                    window,
                     params.repetition_penalty,
                     params.frequency_penalty,
                     params.presence_penalty,
@@ -407,6 +402,9 @@ class LlamaRunner:
                 add(llama.llama_sampler_init_min_p(params.min_p, 1))
             add(llama.llama_sampler_init_temp(params.temperature))
             add(llama.llama_sampler_init_dist(sampler_seed(seed)))
+        if penalized and params.penalty_last_n is not None:
+            for token in (prompt or [])[-window:]:
+                llama.llama_sampler_accept(chain, token)
         return chain
 
     def sample(self, sampler: int, row: int, grammar: int | None = None) -> int:
