@@ -1,7 +1,7 @@
 """Server-sent events: framing, keep-alive comments and the streaming response.
 
-A client that disconnects makes Starlette cancel the response; the cancellation reaches the
-engine stream's `finally`, which aborts the request within one engine step.
+A client that disconnects makes CancelOnDisconnect (api/disconnect.py) cancel the response; the cancellation
+reaches the engine stream's `finally`, which aborts the request within one engine step.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE_INTERVAL_S = 10.0
-_END = object()
 
 
 def event(payload: dict[str, Any]) -> bytes:
@@ -27,72 +27,89 @@ def comment(text: str = "keep-alive") -> bytes:
     return f": {text}\n\n".encode()
 
 
-async def with_keepalive(events: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
-    """Yield `events`, plus a `: keep-alive` comment whenever none came for `interval_s` (as DeepSeek
-    does while a request waits in the queue), so proxies and clients do not time the stream out.
+class EventStreamResponse(Response):
+    """Streams `events` in the request's own task, each as soon as the generator yields it, with a
+    `: keep-alive` comment whenever none was written for the app's `sse_keepalive_s` (as DeepSeek does while a
+    request waits in the queue), so proxies and clients do not time the stream out.
 
-    The events are pulled by a separate task: timing out a wait on a queue is safe, whereas timing out
-    the generator itself would cancel (and so abort) the request.
+    Why not Starlette's StreamingResponse plus a pump task that times out its waits: that costs two task
+    switches, a queue and a timeout per event, and StreamingResponse runs the stream in another anyio task
+    too; at one stream that was ~15 % of the event loop's time per token, which the engine waits for
+    (collector.Postbox). Here the keep-alive is a timer that fires only when the stream is idle, and it writes
+    from its own short task, so the generator's waits are never timed out (which would cancel, and so abort,
+    the request). Disconnects are CancelOnDisconnect's (api/disconnect.py): it cancels this task.
     """
-    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
 
-    async def pump() -> None:
-        try:
-            async with contextlib.aclosing(events):
-                async for item in events:
-                    await queue.put(item)
-        except Exception as exc:  # surfaced to the consumer below
-            await queue.put(exc)
-        await queue.put(_END)
+    media_type = "text/event-stream"
 
-    task = asyncio.create_task(pump())
-    try:
-        while True:
-            if queue.empty():
-                try:
-                    async with asyncio.timeout(interval_s):  # no task per event, unlike wait_for on 3.11
-                        item = await queue.get()
-                except TimeoutError:
-                    yield comment()
-                    continue
-            else:
-                item = queue.get_nowait()
-            # Send the events that are ready together: one write (one syscall, one TCP segment) rather than
-            # one each, e.g. the last token, the usage chunk and [DONE] of a finished stream.
-            batch: list[bytes] = []
-            while isinstance(item, bytes):
-                batch.append(item)
-                if queue.empty():
-                    item = None
-                    break
-                item = queue.get_nowait()
-            if batch:
-                yield batch[0] if len(batch) == 1 else b"".join(batch)
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            if item is not None:  # an event given as str: as it is
-                yield item  # type: ignore[misc]
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str] | None = None):
+        self.events = events
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
-
-class EventStreamResponse(StreamingResponse):
-    """A StreamingResponse that adds keep-alive comments at the interval the app's settings give."""
-
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = getattr(scope["app"].state, "settings", None)
         interval_s = getattr(settings, "sse_keepalive_s", KEEPALIVE_INTERVAL_S)
-        self.body_iterator = with_keepalive(self.body_iterator, interval_s)
-        await super().__call__(scope, receive, send)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        writer = _Writer(send, interval_s)
+        try:
+            async with contextlib.aclosing(self.events):  # type: ignore[type-var]
+                async for chunk in self.events:
+                    await writer.write(chunk if isinstance(chunk, bytes) else chunk.encode())
+        finally:
+            await writer.stop_keepalive()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> StreamingResponse:
-    return EventStreamResponse(
-        events,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
-    )
+class _Writer:
+    """Body writes of one event stream, and the keep-alive timer that watches them."""
+
+    __slots__ = ("_send", "_loop", "_interval_s", "_last_write", "_busy", "_timer", "_comment_task")
+
+    def __init__(self, send: Send, interval_s: float):
+        self._send = send
+        self._loop = asyncio.get_running_loop()
+        self._interval_s = interval_s
+        self._last_write = self._loop.time()
+        self._busy = False
+        self._comment_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._check)
+
+    async def write(self, body: bytes) -> None:
+        self._busy = True
+        try:
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        finally:
+            self._busy = False
+            self._last_write = self._loop.time()
+
+    def _check(self) -> None:
+        """Timer: write a comment if nothing was written for the interval, then look again an interval after
+        the last write. One timer per stream, re-armed only when it fires (not per event)."""
+        idle_s = self._loop.time() - self._last_write
+        if idle_s >= self._interval_s and not self._busy and self._comment_task is None:
+            self._comment_task = self._loop.create_task(self._write_comment())
+            idle_s = 0.0
+        self._timer = self._loop.call_later(max(self._interval_s - idle_s, 0.001), self._check)
+
+    async def _write_comment(self) -> None:
+        try:
+            await self.write(comment())
+        finally:
+            self._comment_task = None
+
+    async def stop_keepalive(self) -> None:
+        """Before the final message: no comment may be written after it (a send after the end is an error)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task = self._comment_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> Response:
+    return EventStreamResponse(events, headers)

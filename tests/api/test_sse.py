@@ -1,0 +1,171 @@
+"""The event-stream response: events as they come, keep-alive comments only while idle, nothing after the end,
+and the event generator closed however the response ends."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from deepserve.api.sse import EventStreamResponse
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def scope(keepalive_s: float) -> dict:
+    settings = SimpleNamespace(sse_keepalive_s=keepalive_s)
+    return {"type": "http", "app": SimpleNamespace(state=SimpleNamespace(settings=settings))}
+
+
+async def never_receive() -> dict:
+    await asyncio.Event().wait()
+    return {}
+
+
+def bodies(sent: list[dict]) -> list[bytes]:
+    return [m["body"] for m in sent if m["type"] == "http.response.body"]
+
+
+def test_idle_stream_gets_comments_between_events_and_ends_once():
+    async def main() -> list[dict]:
+        release = asyncio.Event()
+        sent: list[dict] = []
+
+        async def events():
+            yield b"data: 1\n\n"
+            await release.wait()  # the engine is busy elsewhere: nothing to send for a while
+            yield "data: 2\n\n"  # a str is written as UTF-8
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if bodies(sent).count(KEEPALIVE) == 2:
+                release.set()
+
+        await EventStreamResponse(events())(scope(0.01), never_receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    headers = dict(sent[0]["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream")
+    assert headers[b"cache-control"] == b"no-cache" and b"content-length" not in headers
+    assert bodies(sent) == [b"data: 1\n\n", KEEPALIVE, KEEPALIVE, b"data: 2\n\n", b""]
+    assert [m.get("more_body") for m in sent[1:]] == [True, True, True, True, False]
+
+
+def test_busy_stream_gets_no_comments():
+    """Events closer together than the interval: no comment at all (the timer is not re-armed per event)."""
+
+    async def main() -> list[bytes]:
+        sent: list[dict] = []
+
+        async def events():
+            for i in range(50):
+                await asyncio.sleep(0)
+                yield f"data: {i}\n\n".encode()
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await EventStreamResponse(events())(scope(3600), never_receive, send)
+        return bodies(sent)
+
+    assert asyncio.run(main()) == [f"data: {i}\n\n".encode() for i in range(50)] + [b""]
+
+
+def test_a_comment_being_written_at_the_end_never_follows_the_final_message():
+    """A keep-alive stuck in a slow write (client not reading) when the stream ends is cancelled first."""
+
+    async def main() -> list[dict]:
+        sent: list[dict] = []
+        comment_started = asyncio.Event()
+        unblock = asyncio.Event()
+
+        async def events():
+            yield b"data: 1\n\n"
+            await comment_started.wait()
+            yield b"data: 2\n\n"
+
+        async def send(message: dict) -> None:
+            if message.get("body") == KEEPALIVE:
+                comment_started.set()
+                await unblock.wait()  # flow control: this write waits for the client
+            sent.append(message)
+
+        await EventStreamResponse(events())(scope(0.01), never_receive, send)
+        unblock.set()
+        await asyncio.sleep(0)  # let a stray comment task run, were there one
+        return sent
+
+    sent = asyncio.run(main())
+    assert bodies(sent) == [b"data: 1\n\n", b"data: 2\n\n", b""]
+    assert sent[-1]["more_body"] is False
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "failed"])
+def test_the_event_generator_is_closed_when_the_response_ends_early(ending: str):
+    """A client gone (CancelOnDisconnect cancels the task) or a failure: the generator's `finally` runs (it aborts
+    the request in the engine), and nothing is written after."""
+
+    async def main() -> tuple[list[dict], bool]:
+        closed = False
+        sent: list[dict] = []
+        first_sent = asyncio.Event()
+
+        async def events():
+            nonlocal closed
+            try:
+                yield b"data: 1\n\n"
+                if ending == "failed":
+                    raise RuntimeError("engine gone")
+                await asyncio.Event().wait()
+            finally:
+                closed = True
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if message.get("body") == b"data: 1\n\n":
+                first_sent.set()
+
+        task = asyncio.create_task(EventStreamResponse(events())(scope(0.01), never_receive, send))
+        await first_sent.wait()
+        if ending == "cancelled":
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError if ending == "cancelled" else RuntimeError):
+            await task
+        count = len(sent)
+        await asyncio.sleep(0.05)  # two keep-alive intervals: a timer left armed would write now
+        assert len(sent) == count
+        return sent, closed
+
+    sent, closed = asyncio.run(main())
+    assert closed
+    assert bodies(sent) == [b"data: 1\n\n"]
+
+
+def test_the_timer_writes_only_after_a_whole_idle_interval():
+    """The keep-alive rule itself, on the loop's clock: a write less than an interval ago means no comment, and
+    the timer looks again an interval after that write."""
+    from deepserve.api.sse import _Writer
+
+    async def main() -> list[bytes]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        writer = _Writer(send, 60.0)
+        loop = asyncio.get_running_loop()
+        writer._last_write = loop.time() - 59.0  # written 59 s ago
+        writer._check()
+        assert writer._comment_task is None
+        assert writer._timer is not None and 0.5 < writer._timer.when() - loop.time() <= 1.0  # due a minute after it
+        writer._last_write = loop.time() - 61.0
+        writer._check()
+        assert writer._comment_task is not None
+        await writer._comment_task
+        await writer.stop_keepalive()
+        return bodies(sent)
+
+    assert asyncio.run(main()) == [KEEPALIVE]
