@@ -96,6 +96,8 @@ class _Writer:
     async def _write_comment(self) -> None:
         try:
             await self.write(comment())
+        except Exception:  # a broken connection: the stream's own next write or the disconnect reports it
+            pass
         finally:
             self._comment_task = None
 

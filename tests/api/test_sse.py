@@ -169,3 +169,36 @@ def test_the_timer_writes_only_after_a_whole_idle_interval():
         return bodies(sent)
 
     assert asyncio.run(main()) == [KEEPALIVE]
+
+
+def test_a_failed_comment_write_leaves_the_stream_to_report_it():
+    """A keep-alive whose write fails (the connection broke) neither ends the stream by itself nor leaves an
+    unretrieved task exception behind (asyncio would log it as an error)."""
+    import gc
+
+    async def main() -> tuple[list[bytes], list[dict]]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        sent: list[dict] = []
+        comment_failed = asyncio.Event()
+
+        async def events():
+            yield b"data: 1\n\n"
+            await comment_failed.wait()
+            yield b"data: 2\n\n"
+
+        async def send(message: dict) -> None:
+            if message.get("body") == KEEPALIVE:
+                loop.call_soon(comment_failed.set)
+                raise OSError("connection reset")
+            sent.append(message)
+
+        await EventStreamResponse(events())(scope(0.01), never_receive, send)
+        gc.collect()
+        await asyncio.sleep(0)
+        return bodies(sent), errors
+
+    sent, errors = asyncio.run(main())
+    assert sent == [b"data: 1\n\n", b"data: 2\n\n", b""]
+    assert errors == []
