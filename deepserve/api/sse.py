@@ -88,10 +88,13 @@ class _Writer:
         """Timer: write a comment if nothing was written for the interval, then look again an interval after
         the last write. One timer per stream, re-armed only when it fires (not per event)."""
         idle_s = self._loop.time() - self._last_write
-        if idle_s >= self._interval_s and not self._busy and self._comment_task is None:
-            self._comment_task = self._loop.create_task(self._write_comment())
-            idle_s = 0.0
-        self._timer = self._loop.call_later(max(self._interval_s - idle_s, 0.001), self._check)
+        delay_s = self._interval_s - idle_s
+        if delay_s <= 0:
+            # A write stuck on a client that does not read (or a comment still going) needs no comment more.
+            if not self._busy and self._comment_task is None:
+                self._comment_task = self._loop.create_task(self._write_comment())
+            delay_s = self._interval_s
+        self._timer = self._loop.call_later(delay_s, self._check)
 
     async def _write_comment(self) -> None:
         try:

@@ -202,3 +202,24 @@ def test_a_failed_comment_write_leaves_the_stream_to_report_it():
     sent, errors = asyncio.run(main())
     assert sent == [b"data: 1\n\n", b"data: 2\n\n", b""]
     assert errors == []
+
+
+def test_a_write_stuck_on_a_slow_client_gets_no_comment_and_no_busy_timer():
+    """While a write waits for a client that does not read, the timer writes nothing and looks again a whole
+    interval later (not at once, over and over)."""
+    from deepserve.api.sse import _Writer
+
+    async def main() -> None:
+        async def send(message: dict) -> None:
+            raise AssertionError("nothing may be written")
+
+        writer = _Writer(send, 60.0)
+        loop = asyncio.get_running_loop()
+        writer._busy = True
+        writer._last_write = loop.time() - 600.0
+        writer._check()
+        assert writer._comment_task is None
+        assert writer._timer is not None and writer._timer.when() - loop.time() > 59.0
+        await writer.stop_keepalive()
+
+    asyncio.run(main())
