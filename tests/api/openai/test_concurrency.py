@@ -11,6 +11,15 @@ from tests.conftest import engine_stats
 from tests.server import start_server
 
 
+def wait_for_a_token(lines) -> None:
+    """Read a chat stream until a chunk carries generated text: the request then holds its slot. (The role
+    chunk, `"content":""`, goes out before the engine has taken the request off its queue.)"""
+    while True:
+        line = next(lines)
+        if '"content":"' in line and '"content":""' not in line:
+            return
+
+
 def test_eight_concurrent_streams_all_complete_and_share_decode_steps(server, http):
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
         stream = await client.chat.completions.create(
@@ -64,8 +73,7 @@ def test_full_waiting_queue_answers_429_with_retry_after():
         with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
             with http.stream("POST", "/v1/chat/completions", json=long) as first:
                 first_lines = first.iter_lines()
-                while "content" not in next(first_lines):  # the first request is decoding: slot taken
-                    pass
+                wait_for_a_token(first_lines)  # the first request is decoding: slot taken, queue empty
                 with http.stream("POST", "/v1/chat/completions", json=long) as second:  # waits for the slot
                     assert second.status_code == 200
                     third = http.post("/v1/chat/completions", json={**long, "stream": False})
@@ -89,8 +97,7 @@ def test_waiting_stream_gets_keepalive_comments_then_its_answer():
         with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
             with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 3000, "ignore_eos": True}) as first:
                 first_lines = first.iter_lines()
-                while "content" not in next(first_lines):  # the only slot is now busy
-                    pass
+                wait_for_a_token(first_lines)  # the only slot is now busy
                 with http.stream("POST", "/v1/chat/completions", json={**body, "max_tokens": 3}) as waiting:
                     lines = waiting.iter_lines()
                     assert next(lines).startswith("data: ")  # role chunk comes at once
