@@ -27,6 +27,13 @@ def bodies(sent: list[dict]) -> list[bytes]:
     return [m["body"] for m in sent if m["type"] == "http.response.body"]
 
 
+async def two_events_with_a_gap(gap_ends: asyncio.Event):
+    """`data: 1`, then nothing until `gap_ends` is set (the engine busy elsewhere), then `data: 2`."""
+    yield b"data: 1\n\n"
+    await gap_ends.wait()
+    yield b"data: 2\n\n"
+
+
 def test_idle_stream_gets_comments_between_events_and_ends_once():
     async def main() -> list[dict]:
         release = asyncio.Event()
@@ -82,18 +89,13 @@ def test_a_comment_being_written_at_the_end_never_follows_the_final_message():
         comment_started = asyncio.Event()
         unblock = asyncio.Event()
 
-        async def events():
-            yield b"data: 1\n\n"
-            await comment_started.wait()
-            yield b"data: 2\n\n"
-
         async def send(message: dict) -> None:
             if message.get("body") == KEEPALIVE:
                 comment_started.set()
                 await unblock.wait()  # flow control: this write waits for the client
             sent.append(message)
 
-        await EventStreamResponse(events())(scope(0.01), never_receive, send)
+        await EventStreamResponse(two_events_with_a_gap(comment_started))(scope(0.01), never_receive, send)
         unblock.set()
         await asyncio.sleep(0)  # let a stray comment task run, were there one
         return sent
@@ -184,18 +186,13 @@ def test_a_failed_comment_write_leaves_the_stream_to_report_it():
         sent: list[dict] = []
         comment_failed = asyncio.Event()
 
-        async def events():
-            yield b"data: 1\n\n"
-            await comment_failed.wait()
-            yield b"data: 2\n\n"
-
         async def send(message: dict) -> None:
             if message.get("body") == KEEPALIVE:
                 loop.call_soon(comment_failed.set)
                 raise OSError("connection reset")
             sent.append(message)
 
-        await EventStreamResponse(events())(scope(0.01), never_receive, send)
+        await EventStreamResponse(two_events_with_a_gap(comment_failed))(scope(0.01), never_receive, send)
         gc.collect()
         await asyncio.sleep(0)
         return bodies(sent), errors
