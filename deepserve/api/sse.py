@@ -60,6 +60,8 @@ class EventStreamResponse(Response):
         finally:
             await writer.stop_keepalive()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:  # a route's BackgroundTasks (FastAPI sets them here): after the answer
+            await self.background()
 
 
 class _Writer:

@@ -221,3 +221,25 @@ def test_a_write_stuck_on_a_slow_client_gets_no_comment_and_no_busy_timer():
         await writer.stop_keepalive()
 
     asyncio.run(main())
+
+
+def test_background_tasks_run_after_the_stream_ends():
+    """FastAPI hangs a route's BackgroundTasks on the response it returns; they run once the stream is complete,
+    as with Starlette's own streaming response."""
+    from starlette.background import BackgroundTask
+
+    async def main() -> list[str]:
+        happened: list[str] = []
+
+        async def events():
+            yield b"data: 1\n\n"
+
+        async def send(message: dict) -> None:
+            happened.append("final" if message.get("more_body") is False else message["type"])
+
+        response = EventStreamResponse(events())
+        response.background = BackgroundTask(happened.append, "background")
+        await response(scope(3600), never_receive, send)
+        return happened
+
+    assert asyncio.run(main()) == ["http.response.start", "http.response.body", "final", "background"]
