@@ -85,7 +85,8 @@ def serve(
     pin_threads: bool = typer.Option(
         None, "--pin-threads/--no-pin-threads",
         help="Pin each model's llama.cpp threads to CPUs of their own (default on, when the threads use exactly this process's CPUs)."),
-    poll: int = typer.Option(None, help="ggml worker polling between steps, 0-100 (default 0: sleep, leaving the CPU to HTTP)."),
+    poll: int = typer.Option(None, help="ggml worker polling between steps, 0-100 (default 0: sleep); only for a llama.cpp built without "
+        "OpenMP (make's build uses OpenMP: GOMP_SPINCOUNT governs its workers)."),
     api_key: list[str] = typer.Option(None, help="Accepted API key (repeatable; default: DEEPSERVE_API_KEYS)."),
     no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),
     database_url: str = typer.Option(None, help="Billing database URL (default: SQLite deepserve.db in the data dir)."),

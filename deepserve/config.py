@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         "default 8192, at most a quarter of the machine's memory shared by the local models)"
     )
     pin_threads: bool = Field(True, description="pin each engine's llama.cpp threads to CPUs of their own")
-    poll: int = Field(0, ge=0, le=100, description="ggml worker polling level between steps (0: sleep, 100: spin)")
+    poll: int = Field(0, ge=0, le=100, description="ggml worker polling level between steps (0: sleep, 100: spin); "
+                      "only for a llama.cpp built without OpenMP (the default build uses OpenMP)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     no_auth: bool = False
     database_url: str | None = Field(

@@ -112,10 +112,13 @@ def _new_threadpool(num_threads: int, poll: int | None, cpus: tuple[int, ...] | 
     """A ggml CPU threadpool with the given polling level (None: ggml's default), its threads pinned one to each
     of `cpus` (if given).
 
-    The bindings do not wrap llama_attach_threadpool, so we call the C API directly. Why: by default
-    ggml's worker threads spin (poll level 50) between graph computations. In a server, that is
-    exactly when the Python side samples, detokenises and writes HTTP; on a small machine the spinning
-    workers take the cores those threads need. Poll 0 makes the workers sleep instead.
+    The bindings do not wrap llama_attach_threadpool, so we call the C API directly. The polling level
+    matters only to ggml's own thread pool (a build with GGML_OPENMP=OFF): its workers spin (level 50)
+    between graph computations, exactly when the Python side samples and writes HTTP, and 0 makes them
+    sleep. The build `make` makes uses OpenMP (llama.cpp's default), which ignores it: there libgomp's
+    workers spin for GOMP_SPINCOUNT at each barrier and between computations. Measured on the 2-core VM, a
+    GGML_OPENMP=OFF build of the pinned version was far slower at every polling level tried (0, 1 and 50; about
+    0.3 tok/s at 1 stream against ~70), so OpenMP stays.
 
     Why pin: llama.cpp's threads meet at a spinning barrier after every operation, so two of them on one CPU
     (the scheduler moves them when the HTTP loop or a client wakes up next to them) stall the whole step.
