@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from deepserve.catalog import Catalog, CatalogEntry
 from deepserve.catalog.registry import LocalRegistry
@@ -28,6 +28,28 @@ from deepserve.engine.types import (
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.observability.requests import observe_streams
 from deepserve.templates.chat import ChatTemplate
+
+
+T = TypeVar("T")
+
+# A request whose text is at least this long is prepared (chat template, tokenizer) in a worker thread. Why: the
+# tokenizer takes ~1.7 µs a token (7.8 ms for a 4,500-token prompt, 29 ms for 18,000, on the 2-core VM), and on the
+# event loop that long is that long without a token for every other stream. llama_tokenize releases the GIL, so
+# the loop goes on meanwhile. Shorter requests stay inline: a thread hop would cost more than it saves.
+OFFLOAD_CHARS = 8192
+
+
+async def prepare_off_loop(num_chars: int, prepare: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`prepare(*args, **kwargs)`: inline when the request's text (`num_chars`) is short, else in a worker thread
+    (its errors raise here all the same)."""
+    if num_chars < OFFLOAD_CHARS:
+        return prepare(*args, **kwargs)
+    return await asyncio.to_thread(prepare, *args, **kwargs)
+
+
+def messages_chars(messages: list[dict[str, Any]]) -> int:
+    """About how much text a chat's messages hold (what its preparation's cost follows)."""
+    return sum(len(str(m.get("content") or "")) + len(str(m.get("tool_calls") or "")) for m in messages)
 
 
 # Where the last message's text goes when a chat continues it: private-use characters, which no template writes,

@@ -139,3 +139,33 @@ def test_an_upstream_gets_the_message_to_continue_as_it_was_given():
                                                 generation=Generation.CONTINUE)
     assert messages[-1] == last and fields["generation"] is Generation.CONTINUE
     assert messages[1] == {"role": "assistant", "content": "Four."}  # earlier reasoning still goes
+
+
+def test_a_short_request_is_prepared_inline_and_a_long_one_in_a_worker_thread():
+    import asyncio
+    import threading
+
+    from deepserve.serving import OFFLOAD_CHARS, prepare_off_loop
+
+    async def thread_preparing(num_chars: int) -> int:
+        return await prepare_off_loop(num_chars, threading.get_ident)
+
+    here = threading.get_ident()
+    assert asyncio.run(thread_preparing(OFFLOAD_CHARS - 1)) == here
+    assert asyncio.run(thread_preparing(OFFLOAD_CHARS)) != here
+
+    def refuse(field: str) -> None:
+        raise InvalidRequestError("refused", param=field)
+
+    with pytest.raises(InvalidRequestError) as info:
+        asyncio.run(prepare_off_loop(OFFLOAD_CHARS, refuse, "messages"))
+    assert info.value.param == "messages"
+
+
+def test_messages_chars_counts_contents_and_tool_calls():
+    from deepserve.serving import messages_chars
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    assert messages_chars([{"role": "user", "content": "abc"}, {"role": "assistant", "content": None}]) == 3
+    assert messages_chars([{"role": "assistant", "content": None, "tool_calls": calls}]) == len(str(calls))
+    assert messages_chars([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]) > 2

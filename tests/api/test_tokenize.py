@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import openai
+import pytest
 
 MESSAGES = [{"role": "user", "content": "Count to three."}]
 
@@ -51,3 +52,25 @@ def test_special_tokens_are_read_and_written_as_llama_server_and_vllm_do(http, c
     assert literal["count"] > 1  # llama-server's parse_special false: the marker as plain text
     pieces = http.post("/tokenize", json={"content": "<|im_start|>user", "with_pieces": True}).json()["tokens"]
     assert pieces[0]["piece"] == "<|im_start|>"
+
+
+def test_long_requests_prepared_off_the_event_loop_count_as_short_ones_do(http, client: openai.OpenAI, server):
+    """A request of OFFLOAD_CHARS or more is templated and tokenized in a worker thread: the same tokens, the same
+    errors. ("=" * 64 is one token of this model: the prompt fits the test server's 1,024-token window.)"""
+    from deepserve.serving import OFFLOAD_CHARS
+
+    prompt = "=" * OFFLOAD_CHARS + "\nWhat was above?"
+    counted = http.post("/tokenize", json={"model": server.model, "prompt": prompt}).json()["count"]
+    assert counted < 400
+    assert client.completions.create(model=server.model, prompt=prompt, max_tokens=1).usage.prompt_tokens == counted
+    messages = [{"role": "user", "content": prompt}]
+    chat = http.post("/tokenize", json={"model": server.model, "messages": messages}).json()["count"]
+    answered = client.chat.completions.create(model=server.model, messages=messages, max_tokens=1)
+    assert answered.usage.prompt_tokens == chat > counted
+    # An error found while preparing (a forced tool that is not offered) is still the caller's 400.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=1,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}})
+    assert info.value.body["param"] == "tool_choice"

@@ -22,7 +22,8 @@ from deepserve.engine.types import TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
 from deepserve.fim import fim_prompt_tokens, wants_fim
 from deepserve.serving import (
-    ChoiceResult, ServedModel, collect_stream, fan_in, metered_generate, metered_generate_many,
+    ChoiceResult, ServedModel, collect_stream, fan_in, messages_chars, metered_generate, metered_generate_many,
+    prepare_off_loop,
 )
 
 router = APIRouter()
@@ -102,7 +103,9 @@ async def chat_completions(
 
 async def chat_completion_response(body: ChatCompletionRequest, model: ServedModel, request: Request) -> Response:
     """The OpenAI answer to `body` on `model`; also what the Workers AI and Segmind chat routes answer."""
-    chat = prepare_chat(model, body.template_messages(), body.chat_options())  # tools, reasoning, response_format
+    messages = body.template_messages()
+    # tools, reasoning, response_format; a long chat off the event loop (serving.OFFLOAD_CHARS says why)
+    chat = await prepare_off_loop(messages_chars(messages), prepare_chat, model, messages, body.chat_options())
     prompt_tokens = chat.prompt_tokens
     sampling = chat.configure(model, body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens,
                                                                                len(prompt_tokens))),
@@ -163,7 +166,9 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
             raise InvalidRequestError("echo cannot be combined with suffix (fill-in-the-middle).", param="echo")
         token_lists = [fim_prompt_tokens(model, p, body.suffix) for p in prompts]
     else:
-        token_lists = [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
+        num_chars = sum(len(p) for p in prompts if isinstance(p, str))
+        token_lists = await prepare_off_loop(
+            num_chars, lambda: [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts])
     if body.echo and body.logprobs is not None and model.takes_text_prompts:
         # Scores read from an empty slice would be silently 0 (lm-evaluation-harness): refuse instead.
         raise InvalidRequestError("echo with logprobs needs the prompt tokens' logprobs, which this model's "
