@@ -74,3 +74,24 @@ def test_long_requests_prepared_off_the_event_loop_count_as_short_ones_do(http, 
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
             tool_choice={"type": "function", "function": {"name": "g"}})
     assert info.value.body["param"] == "tool_choice"
+
+
+def test_each_dialect_counts_a_long_prompt_as_tokenize_does(http, server):
+    """llama-server's /completion, Workers AI and Dataoorts prepare a long prompt off the event loop too."""
+    from deepserve.serving import OFFLOAD_CHARS
+
+    prompt = "=" * OFFLOAD_CHARS + "\nWhat was above?"
+    raw = http.post("/tokenize", json={"model": server.model, "prompt": prompt}).json()["count"]
+    native = http.post("/completion", json={"prompt": prompt, "n_predict": 1})
+    assert native.status_code == 200 and native.json()["tokens_evaluated"] == raw
+    messages = [{"role": "user", "content": prompt}]
+    chat = http.post("/tokenize", json={"model": server.model, "messages": messages}).json()["count"]
+    dataoorts = http.post("/api/v1", json={"model": server.model, "data": {"messages": messages, "max_tokens": 1}})
+    assert dataoorts.status_code == 200 and dataoorts.json()["result"]["usage"]["prompt_tokens"] == chat
+    # Workers AI caps each message at 4,096 characters (its schema): three turns make a long chat.
+    third = "=" * (OFFLOAD_CHARS // 3 + 64)
+    turns = [{"role": "user", "content": third}, {"role": "assistant", "content": third},
+             {"role": "user", "content": third + "\nWhat was above?"}]
+    counted = http.post("/tokenize", json={"model": server.model, "messages": turns}).json()["count"]
+    workers = http.post(f"/client/v4/accounts/acc-1/ai/run/{server.model}", json={"messages": turns, "max_tokens": 1})
+    assert workers.status_code == 200 and workers.json()["result"]["usage"]["prompt_tokens"] == counted

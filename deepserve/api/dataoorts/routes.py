@@ -9,7 +9,7 @@ from deepserve.api.auth import Principal, require_bearer
 from deepserve.api.dataoorts import render
 from deepserve.api.dataoorts.schemas import DataoortsRequest
 from deepserve.api.workers_ai.routes import complete
-from deepserve.serving import ServedModel
+from deepserve.serving import ServedModel, messages_chars, prepare_off_loop
 
 PATH = "/api/v1"
 
@@ -19,7 +19,8 @@ router = APIRouter(tags=["Dataoorts"])
 @router.post(PATH, summary="Dataoorts serverless text generation")
 async def run(body: DataoortsRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model: ServedModel = request.app.state.models.get(body.model)
-    prompt_tokens = model.chat_prompt_tokens(body.data.template_messages())
+    messages = body.data.template_messages()
+    prompt_tokens = await prepare_off_loop(messages_chars(messages), model.chat_prompt_tokens, messages)
     choice = await complete(request, model, prompt_tokens, body.data.to_sampling(model, len(prompt_tokens)))
     return JSONResponse(render.result_body(choice))
 

@@ -19,7 +19,7 @@ from deepserve.chat_options import apply_model_defaults
 from deepserve.engine.types import FinishReason, TextPrompt, TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
 from deepserve.fim import infill_prompt_tokens
-from deepserve.serving import ChoiceResult, ServedModel, fan_in, metered_generate_many
+from deepserve.serving import ChoiceResult, ServedModel, fan_in, metered_generate_many, prepare_off_loop
 
 PATHS = ("/completion", "/infill")
 router = APIRouter(tags=["llama.cpp"])
@@ -28,7 +28,10 @@ router = APIRouter(tags=["llama.cpp"])
 @router.post("/completion", summary="llama-server's completion (raw prompt, its fields and answer)")
 async def completion(body: NativeCompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model = request.app.state.models.named_or_only(body.model)
-    return await _answer(request, model, body, [_prompt(model, p) for p in body.prompts()])
+    prompts = body.prompts()
+    num_chars = sum(len(p) for p in prompts if isinstance(p, str))  # a long one off the event loop
+    return await _answer(request, model, body, await prepare_off_loop(
+        num_chars, lambda: [_prompt(model, p) for p in prompts]))
 
 
 def _prompt(model: ServedModel, prompt: str | list[int]) -> list[int] | TextPrompt:
@@ -50,9 +53,10 @@ async def infill(body: InfillRequest, request: Request, _: Principal = Depends(r
     if model.takes_text_prompts:
         raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine, which builds "
                                   "its own infill prompt: send /infill there.", param="model")
-    prompt = infill_prompt_tokens(model, body.input_prefix, body.input_suffix,
-                                  [(c.filename, c.text) for c in body.input_extra], body.prompt,
-                                  body.requested_max_tokens)
+    extra = [(c.filename, c.text) for c in body.input_extra]
+    num_chars = len(body.input_prefix) + len(body.input_suffix) + len(body.prompt) + sum(len(t) for _, t in extra)
+    prompt = await prepare_off_loop(num_chars, infill_prompt_tokens, model, body.input_prefix, body.input_suffix,
+                                    extra, body.prompt, body.requested_max_tokens)  # a long one off the event loop
     return await _answer(request, model, body, [prompt])
 
 

@@ -18,7 +18,7 @@ from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionReques
 from deepserve.billing.accounts import price_overrides, resolve_price
 from deepserve.billing.money import TokenPrices
 from deepserve.chat_options import apply_model_defaults, prepare_chat
-from deepserve.engine.types import TokenDelta
+from deepserve.engine.types import TextPrompt, TokenDelta
 from deepserve.errors import EngineError, InvalidRequestError
 from deepserve.fim import fim_prompt_tokens, wants_fim
 from deepserve.serving import (
@@ -161,14 +161,17 @@ async def _chat_events(
 async def completions(body: CompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
     model: ServedModel = request.app.state.models.get(body.model)
     prompts = body.prompts()
-    if wants_fim(model, body.suffix):  # prompt = the code before the gap, suffix = the code after it
-        if body.echo:
-            raise InvalidRequestError("echo cannot be combined with suffix (fill-in-the-middle).", param="echo")
-        token_lists = [fim_prompt_tokens(model, p, body.suffix) for p in prompts]
-    else:
-        num_chars = sum(len(p) for p in prompts if isinstance(p, str))
-        token_lists = await prepare_off_loop(
-            num_chars, lambda: [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts])
+    fim = wants_fim(model, body.suffix)  # prompt = the code before the gap, suffix = the code after it
+    if fim and body.echo:
+        raise InvalidRequestError("echo cannot be combined with suffix (fill-in-the-middle).", param="echo")
+
+    def prompt_tokens() -> list[list[int] | TextPrompt]:
+        if fim:
+            return [fim_prompt_tokens(model, p, body.suffix) for p in prompts]
+        return [model.text_prompt_tokens(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    num_chars = sum(len(p) for p in prompts if isinstance(p, str)) + len(body.suffix or "")
+    token_lists = await prepare_off_loop(num_chars, prompt_tokens)  # a long one off the event loop
     if body.echo and body.logprobs is not None and model.takes_text_prompts:
         # Scores read from an empty slice would be silently 0 (lm-evaluation-harness): refuse instead.
         raise InvalidRequestError("echo with logprobs needs the prompt tokens' logprobs, which this model's "

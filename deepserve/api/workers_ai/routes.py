@@ -21,7 +21,9 @@ from deepserve.api.workers_ai import render
 from deepserve.api.workers_ai.schemas import RunRequest
 from deepserve.engine.types import SamplingParams, TokenDelta
 from deepserve.errors import EngineError, ModelNotFoundError
-from deepserve.serving import ChoiceResult, ModelRegistry, ServedModel, collect_stream, metered_generate
+from deepserve.serving import (
+    ChoiceResult, ModelRegistry, ServedModel, collect_stream, metered_generate, prepare_off_loop,
+)
 
 PATH_PREFIX = "/client/v4/"
 CATALOG_PREFIXES = ("@cf/", "@hf/")  # Cloudflare's namespaces in front of a model's own name
@@ -57,7 +59,8 @@ async def run(
     account_id: str, model_name: str, body: RunRequest, request: Request, _: Principal = Depends(require_bearer)
 ) -> Response:
     model = find_model(request.app.state.models, model_name)
-    prompt_tokens = body.prompt_tokens(model)
+    num_chars = len(body.prompt or "") + sum(len(m.content) for m in body.messages or ())
+    prompt_tokens = await prepare_off_loop(num_chars, body.prompt_tokens, model)  # a long one off the event loop
     sampling = body.to_sampling(model, len(prompt_tokens))  # the model's defaults, reasoning, response_format
     if body.stream:
         return sse.sse_response(_events(await metered_generate(request, model, prompt_tokens, sampling)))
