@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deepserve.api.auth import Principal, require_bearer
 from deepserve.api.openai.schemas import ChatCompletionRequest, ChatMessage
 from deepserve.errors import InvalidRequestError
-from deepserve.serving import ServedModel
+from deepserve.serving import ServedModel, messages_chars, prepare_off_loop
 
 router = APIRouter()
 
@@ -66,13 +66,16 @@ async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depen
         chat = ChatCompletionRequest(model=model.model_id, messages=body.messages,
                                      continue_final_message=body.continue_final_message,
                                      add_generation_prompt=body.add_generation_prompt and not body.continue_final_message)
-        tokens = model.chat_prompt_tokens(chat.template_messages(), generation=chat.generation())
+        messages = chat.template_messages()
+        tokens = await prepare_off_loop(messages_chars(messages), model.chat_prompt_tokens, messages,
+                                        generation=chat.generation())  # a long one off the event loop
     else:
         # vLLM adds the model's special tokens by default; llama-server's add_special defaults to false
         add = body.add_special_tokens if body.add_special_tokens is not None else \
             body.add_special if body.add_special is not None else body.content is None
         parse = body.parse_special if body.parse_special is not None else True  # as prompts are read
-        tokens = model.engine.tokenize(texts[0], add_special=add, parse_special=parse)
+        tokens = await prepare_off_loop(len(texts[0]), model.engine.tokenize, texts[0], add_special=add,
+                                        parse_special=parse)
     answer: dict[str, Any] = {"tokens": list(tokens), "count": len(tokens), "max_model_len": model.ctx_size}
     if body.with_pieces or body.return_token_strs:
         pieces = [model.engine.detokenize([t]) for t in tokens]
