@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from deepserve.catalog import default_catalog
 from deepserve.catalog.registry import LocalModel, LocalRegistry
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
-from deepserve.serving import ModelRegistry, ServedModel
+from deepserve.serving import OFFLOAD_CHARS, ModelRegistry, ServedModel, messages_chars, prepare_off_loop
 from deepserve.engine.types import Generation
 from deepserve.templates.chat import CHATML_TEMPLATE, ChatTemplate, builtin_template
 
@@ -142,11 +144,6 @@ def test_an_upstream_gets_the_message_to_continue_as_it_was_given():
 
 
 def test_a_short_request_is_prepared_inline_and_a_long_one_in_a_worker_thread():
-    import asyncio
-    import threading
-
-    from deepserve.serving import OFFLOAD_CHARS, prepare_off_loop
-
     async def thread_preparing(num_chars: int) -> int:
         return await prepare_off_loop(num_chars, threading.get_ident)
 
@@ -163,8 +160,6 @@ def test_a_short_request_is_prepared_inline_and_a_long_one_in_a_worker_thread():
 
 
 def test_messages_chars_counts_contents_and_tool_calls():
-    from deepserve.serving import messages_chars
-
     calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     assert messages_chars([{"role": "user", "content": "abc"}, {"role": "assistant", "content": None}]) == 3
     assert messages_chars([{"role": "assistant", "content": None, "tool_calls": calls}]) == len(str(calls))

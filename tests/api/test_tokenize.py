@@ -6,7 +6,12 @@ import httpx
 import openai
 import pytest
 
+from deepserve.serving import OFFLOAD_CHARS
+
 MESSAGES = [{"role": "user", "content": "Count to three."}]
+# Long enough to be prepared in a worker thread; "=" * 64 is one token of this model, so it fits the test server's
+# 1,024-token window.
+LONG_PROMPT = "=" * OFFLOAD_CHARS + "\nWhat was above?"
 
 
 def test_vllm_style_counts_match_what_a_request_is_charged(http, client: openai.OpenAI, server):
@@ -56,10 +61,8 @@ def test_special_tokens_are_read_and_written_as_llama_server_and_vllm_do(http, c
 
 def test_long_requests_prepared_off_the_event_loop_count_as_short_ones_do(http, client: openai.OpenAI, server):
     """A request of OFFLOAD_CHARS or more is templated and tokenized in a worker thread: the same tokens, the same
-    errors. ("=" * 64 is one token of this model: the prompt fits the test server's 1,024-token window.)"""
-    from deepserve.serving import OFFLOAD_CHARS
-
-    prompt = "=" * OFFLOAD_CHARS + "\nWhat was above?"
+    errors."""
+    prompt = LONG_PROMPT
     counted = http.post("/tokenize", json={"model": server.model, "prompt": prompt}).json()["count"]
     assert counted < 400
     assert client.completions.create(model=server.model, prompt=prompt, max_tokens=1).usage.prompt_tokens == counted
@@ -78,9 +81,7 @@ def test_long_requests_prepared_off_the_event_loop_count_as_short_ones_do(http, 
 
 def test_each_dialect_counts_a_long_prompt_as_tokenize_does(http, server):
     """llama-server's /completion, Workers AI and Dataoorts prepare a long prompt off the event loop too."""
-    from deepserve.serving import OFFLOAD_CHARS
-
-    prompt = "=" * OFFLOAD_CHARS + "\nWhat was above?"
+    prompt = LONG_PROMPT
     raw = http.post("/tokenize", json={"model": server.model, "prompt": prompt}).json()["count"]
     native = http.post("/completion", json={"prompt": prompt, "n_predict": 1})
     assert native.status_code == 200 and native.json()["tokens_evaluated"] == raw
