@@ -19,6 +19,7 @@ import llama_cpp as llama
 import llama_cpp.llama_cpp as llama_bindings
 import numpy as np
 
+from deepserve.engine.llamacpp.piece_cache import PieceTokenizer, SpecialToken, choose_markers
 from deepserve.engine.types import SamplingParams
 
 _backend_lock = threading.Lock()
@@ -211,6 +212,9 @@ class LlamaRunner:
             attach(self._ctx, self._threadpool, self._threadpool)
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(batch_size, 0, 1)
+        # Chat prompts tokenized by their pieces between special tokens, each piece's tokens kept (piece_cache.py).
+        self._pieces = PieceTokenizer(lambda text: self._tokenize(text, False, True),
+                                      choose_markers(self._special_tokens()))
         self._piece_cache: dict[int, bytes] = {}
         self._special_piece_cache: dict[int, bytes] = {}
         self._candidates: np.ndarray | None = None  # llama_token_data[n_vocab], for grammar-constrained sampling
@@ -266,6 +270,23 @@ class LlamaRunner:
 
     # ---- text <-> tokens ---------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        if parse_special and not add_special:  # a chat prompt (or what reads like one): by its pieces, cached
+            return self._pieces.tokenize(text)
+        return self._tokenize(text, add_special, parse_special)
+
+    def _special_tokens(self) -> list[SpecialToken]:
+        """Each token llama.cpp matches as special when it parses special tokens (piece_cache.choose_markers)."""
+        special = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN
+        tokens = []
+        for token in range(self.num_vocab):
+            attr = llama.llama_vocab_get_attr(self._vocab, token)
+            if attr & special:
+                text = (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+                tokens.append(SpecialToken(text, lstrip=bool(attr & llama.LLAMA_TOKEN_ATTR_LSTRIP),
+                                           control=bool(attr & llama.LLAMA_TOKEN_ATTR_CONTROL)))
+        return tokens
+
+    def _tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON): U+FFFD, as a UTF-8 decoder would
