@@ -55,13 +55,13 @@ def test_a_steps_deltas_cross_once_and_in_order():
 
 def test_flush_returns_once_the_loop_has_handled_the_deltas():
     """With wait_s, the next decode starts only after the tasks the deltas woke have done their work (here:
-    a consumer that needs several more loop rounds before it records a token, as rendering and writing do)."""
+    consumers that need several more loop rounds before they record a token, as rendering and writing do)."""
 
     async def main():
-        collector = RequestCollector(asyncio.get_running_loop())
+        collectors = [RequestCollector(asyncio.get_running_loop()) for _ in range(2)]
         written: list[str] = []
 
-        async def consumer():
+        async def consumer(collector: RequestCollector):
             async for delta in collector:
                 for _ in range(5):  # a chain of generators and queues between the collector and the socket
                     await asyncio.sleep(0)
@@ -72,30 +72,60 @@ def test_flush_returns_once_the_loop_has_handled_the_deltas():
         def engine_thread():
             postbox = Postbox(wait_s=30.0)  # the bound is never reached: the loop goes idle first
             for step in range(3):
-                postbox.put(collector, TokenDelta(text=f"t{step}", finish_reason=FinishReason.STOP if step == 2 else None))
+                for name, collector in zip("ab", collectors):
+                    finish = FinishReason.STOP if step == 2 else None
+                    postbox.put(collector, TokenDelta(text=f"{name}{step}", finish_reason=finish))
                 postbox.flush()
-                seen_at_return.append(list(written))
+                seen_at_return.append(sorted(written))
 
-        task = asyncio.create_task(consumer())
+        tasks = [asyncio.create_task(consumer(c)) for c in collectors]
         await asyncio.sleep(0)
         await asyncio.to_thread(engine_thread)
-        await task
+        await asyncio.gather(*tasks)
         return seen_at_return
 
-    assert asyncio.run(main()) == [["t0"], ["t0", "t1"], ["t0", "t1", "t2"]]
+    assert asyncio.run(main()) == [["a0", "b0"], ["a0", "a1", "b0", "b1"], ["a0", "a1", "a2", "b0", "b1", "b2"]]
 
 
-def test_flush_waits_no_longer_than_its_bound_for_a_busy_loop():
+def stuck_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread, threading.Event]:
+    """A loop running in its own thread, stuck in a callback until the returned event is set."""
     loop = asyncio.new_event_loop()
     blocked, release = threading.Event(), threading.Event()
     loop_thread = threading.Thread(target=loop.run_forever)
     loop_thread.start()
+    loop.call_soon_threadsafe(lambda: (blocked.set(), release.wait()))
+    assert blocked.wait(10)
+    return loop, loop_thread, release
+
+
+def stop_loop(loop: asyncio.AbstractEventLoop, loop_thread: threading.Thread, release: threading.Event) -> None:
+    release.set()
+    loop.call_soon_threadsafe(loop.stop)
+    loop_thread.join()
+    loop.close()
+
+
+def test_a_single_requests_delta_is_handed_over_without_waiting():
+    loop, loop_thread, release = stuck_loop()
     try:
-        collector = RequestCollector(loop)
-        loop.call_soon_threadsafe(lambda: (blocked.set(), release.wait()))  # the loop is stuck in a callback
-        assert blocked.wait(10)
+        postbox = Postbox(wait_s=30.0)
+        postbox.put(RequestCollector(loop), TokenDelta(text="x"))
+        done = threading.Event()
+        engine = threading.Thread(target=lambda: (postbox.flush(), done.set()))
+        engine.start()
+        assert done.wait(10)  # returned at once, although the loop has not run the delivery
+        assert not release.is_set()
+        engine.join()
+    finally:
+        stop_loop(loop, loop_thread, release)
+
+
+def test_flush_waits_no_longer_than_its_bound_for_a_busy_loop():
+    loop, loop_thread, release = stuck_loop()
+    try:
         postbox = Postbox(wait_s=0.05)
-        postbox.put(collector, TokenDelta(text="x"))
+        postbox.put(RequestCollector(loop), TokenDelta(text="x"))
+        postbox.put(RequestCollector(loop), TokenDelta(text="y"))
         done = threading.Event()
         engine = threading.Thread(target=lambda: (postbox.flush(), done.set()))
         engine.start()
@@ -103,10 +133,7 @@ def test_flush_waits_no_longer_than_its_bound_for_a_busy_loop():
         assert not release.is_set()
         engine.join()
     finally:
-        release.set()
-        loop.call_soon_threadsafe(loop.stop)
-        loop_thread.join()
-        loop.close()
+        stop_loop(loop, loop_thread, release)
 
 
 def test_a_closed_loop_is_skipped():
