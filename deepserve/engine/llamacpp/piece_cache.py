@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 from array import array
 from collections import Counter, OrderedDict
@@ -31,7 +32,8 @@ from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
-MAX_CACHED_CHARS = 4_000_000  # characters of pieces kept (~4 MB of text, ~4 MB of tokens as int32)
+MAX_CACHED_BYTES = 32 * 2**20  # pieces and their tokens kept, as entry_bytes counts them
+ENTRY_OVERHEAD_BYTES = 200  # an array object, an OrderedDict entry and its link
 CHECKED_CALLS = 64  # first texts tokenized both ways, compared
 
 
@@ -71,18 +73,26 @@ def _self_overlaps(text: str) -> bool:
     return any(text[:k] == text[-k:] for k in range(1, len(text)))
 
 
+def entry_bytes(piece: str, num_tokens: int) -> int:
+    """What keeping a piece costs: its string, its tokens (int32) and the bookkeeping around them."""
+    return sys.getsizeof(piece) + 4 * num_tokens + ENTRY_OVERHEAD_BYTES
+
+
 class PieceTokenizer:
     """`tokenize(text)` = `tokenize_whole(text)`, by the text's pieces between markers, each piece's tokens kept
-    (least recently used dropped first, MAX_CACHED_CHARS in all). Thread-safe: the event loop and the
-    off-loop preparation threads both tokenize."""
+    (least recently used dropped first, `max_bytes` in all as `entry_bytes` counts them). Thread-safe: the event
+    loop and the off-loop preparation threads both tokenize."""
 
     def __init__(self, tokenize_whole: Callable[[str], list[int]], markers: list[str],
-                 max_chars: int = MAX_CACHED_CHARS, checked_calls: int = CHECKED_CALLS):
+                 max_bytes: int = MAX_CACHED_BYTES, checked_calls: int = CHECKED_CALLS):
         self._tokenize_whole = tokenize_whole
-        self._split = re.compile("(?=" + "|".join(map(re.escape, markers)) + ")") if markers else None
+        # Markers share no characters, so at most one matches at a place; finditer (not a split on a lookahead)
+        # lets the regex engine skip to the markers' first characters: 0.09 ms for 29,000 characters and 800
+        # markers.
+        self._finder = re.compile("|".join(map(re.escape, markers))) if markers else None
         self._pieces: OrderedDict[str, array] = OrderedDict()
-        self._num_chars = 0
-        self._max_chars = max_chars
+        self._num_bytes = 0
+        self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._checks_left = checked_calls
         self.num_hits = 0
@@ -90,15 +100,20 @@ class PieceTokenizer:
 
     @property
     def enabled(self) -> bool:
-        return self._split is not None
+        return self._finder is not None
 
     def tokenize(self, text: str) -> list[int]:
-        if self._split is None:
+        finder = self._finder  # read once: the guard may turn it off meanwhile, on another thread
+        if finder is None:
             return self._tokenize_whole(text)
         tokens: list[int] = []
-        for piece in self._split.split(text):
-            if piece:
-                tokens.extend(self._piece_tokens(piece))
+        start = 0
+        for match in finder.finditer(text):
+            if match.start() > start:
+                tokens.extend(self._piece_tokens(text[start:match.start()]))
+            start = match.start()
+        if start < len(text):
+            tokens.extend(self._piece_tokens(text[start:]))
         if self._checks_left > 0:
             self._check(text, tokens)
         return tokens
@@ -110,16 +125,17 @@ class PieceTokenizer:
                 self._pieces.move_to_end(piece)
                 self.num_hits += 1
                 return cached
+            self.num_misses += 1
         tokens = array("i", self._tokenize_whole(piece))  # outside the lock: llama_tokenize releases the GIL
-        if len(piece) <= self._max_chars // 4:  # one huge piece does not empty the whole cache
+        cost = entry_bytes(piece, len(tokens))
+        if cost <= self._max_bytes // 4:  # one huge piece does not empty the whole cache
             with self._lock:
-                self.num_misses += 1
-                if piece not in self._pieces:
+                if self._finder is not None and piece not in self._pieces:
                     self._pieces[piece] = tokens
-                    self._num_chars += len(piece)
-                    while self._num_chars > self._max_chars:
-                        dropped, _ = self._pieces.popitem(last=False)
-                        self._num_chars -= len(dropped)
+                    self._num_bytes += cost
+                    while self._num_bytes > self._max_bytes:
+                        dropped, dropped_tokens = self._pieces.popitem(last=False)
+                        self._num_bytes -= entry_bytes(dropped, len(dropped_tokens))
         return tokens
 
     def _check(self, text: str, tokens: list[int]) -> None:
@@ -130,7 +146,7 @@ class PieceTokenizer:
             log.warning("tokenizing by pieces differs from tokenizing the whole text for this model's vocabulary: "
                         "piece caching is off")
             with self._lock:
-                self._split = None
+                self._finder = None
                 self._pieces.clear()
-                self._num_chars = 0
+                self._num_bytes = 0
             tokens[:] = whole

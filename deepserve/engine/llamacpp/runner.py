@@ -213,8 +213,11 @@ class LlamaRunner:
         self._memory = llama.llama_get_memory(self._ctx)
         self._batch = llama.llama_batch_init(batch_size, 0, 1)
         # Chat prompts tokenized by their pieces between special tokens, each piece's tokens kept (piece_cache.py).
-        self._pieces = PieceTokenizer(lambda text: self._tokenize(text, False, True),
-                                      choose_markers(self._special_tokens()))
+        try:
+            markers = choose_markers(self._special_tokens())
+        except UnicodeDecodeError:  # a special token that is not UTF-8 text: cut nowhere, tokenize whole texts
+            markers = []
+        self._pieces = PieceTokenizer(lambda text: self._tokenize(text, False, True), markers)
         self._piece_cache: dict[int, bytes] = {}
         self._special_piece_cache: dict[int, bytes] = {}
         self._candidates: np.ndarray | None = None  # llama_token_data[n_vocab], for grammar-constrained sampling
@@ -281,7 +284,7 @@ class LlamaRunner:
         for token in range(self.num_vocab):
             attr = llama.llama_vocab_get_attr(self._vocab, token)
             if attr & special:
-                text = (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", errors="replace")
+                text = (llama.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8")
                 tokens.append(SpecialToken(text, lstrip=bool(attr & llama.LLAMA_TOKEN_ATTR_LSTRIP),
                                            control=bool(attr & llama.LLAMA_TOKEN_ATTR_CONTROL)))
         return tokens

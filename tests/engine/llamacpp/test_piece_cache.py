@@ -4,11 +4,12 @@ tokenized once."""
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from deepserve.bundled import bundled_model_path
-from deepserve.engine.llamacpp.piece_cache import PieceTokenizer, SpecialToken, choose_markers
+from deepserve.engine.llamacpp.piece_cache import PieceTokenizer, SpecialToken, choose_markers, entry_bytes
 from deepserve.engine.llamacpp.runner import LlamaRunner
 from tests.tiny_gguf import SPECS
 
@@ -65,21 +66,36 @@ def test_each_piece_is_tokenized_once():
 
 def test_least_recently_used_pieces_go_first_within_the_bound():
     calls: list[str] = []
-    pieces = PieceTokenizer(char_tokenizer(calls), ["<M>"], max_chars=16, checked_calls=0)
-    for text in ("aaaa<M>b", "aaaa<M>c", "aaaa<M>d"):  # 16 characters kept; "aaaa" used last
+    piece_bytes = entry_bytes("<M>b", 2)  # every piece below: a marker and a letter, two tokens
+    pieces = PieceTokenizer(char_tokenizer(calls), ["<M>"], max_bytes=4 * piece_bytes, checked_calls=0)
+    for text in ("<M>a<M>b", "<M>a<M>c", "<M>a<M>d"):  # four pieces kept, the bound; "<M>a" used last
         pieces.tokenize(text)
-    pieces.tokenize("aaaa<M>e")  # 20 > 16: the least recently used piece (<M>b) goes
+    pieces.tokenize("<M>a<M>e")  # a fifth: the least recently used piece (<M>b) goes
     calls.clear()
-    pieces.tokenize("aaaa<M>c<M>b")  # <M>c still kept, <M>b tokenized again
+    pieces.tokenize("<M>a<M>c<M>b")  # <M>c still kept, <M>b tokenized again
     assert calls == ["<M>b"]
 
 
 def test_a_piece_over_a_quarter_of_the_bound_is_not_kept():
     calls: list[str] = []
-    pieces = PieceTokenizer(char_tokenizer(calls), ["<M>"], max_chars=20, checked_calls=0)
-    pieces.tokenize("x" * 6)
-    pieces.tokenize("x" * 6)
-    assert calls == ["x" * 6, "x" * 6]
+    pieces = PieceTokenizer(char_tokenizer(calls), ["<M>"], max_bytes=4 * entry_bytes("x" * 10, 10),
+                            checked_calls=0)
+    pieces.tokenize("x" * 10)
+    pieces.tokenize("x" * 11)
+    pieces.tokenize("x" * 10)
+    pieces.tokenize("x" * 11)
+    assert calls == ["x" * 10, "x" * 11, "x" * 11]
+
+
+def test_the_bound_counts_tokens_and_bookkeeping_not_only_characters():
+    # Many short pieces: the characters alone would allow far more entries than the bytes do.
+    calls: list[str] = []
+    bound = 100 * entry_bytes("<M>00000", 6)
+    pieces = PieceTokenizer(char_tokenizer(calls), ["<M>"], max_bytes=bound, checked_calls=0)
+    for i in range(1000):
+        pieces.tokenize(f"<M>{i:05d}")
+    assert len(pieces._pieces) == 100
+    assert pieces._num_bytes <= bound
 
 
 def test_a_difference_from_the_whole_text_turns_piece_tokenizing_off():
@@ -154,5 +170,19 @@ def test_chat_prompts_reuse_their_pieces_tokens():
         runner.tokenize(system, add_special=True)
         runner.tokenize(system, add_special=False, parse_special=False)
         assert runner._pieces.num_hits == hits
+    finally:
+        runner.close()
+
+
+def test_threads_tokenizing_at_once_get_the_whole_texts_tokens():
+    """The event loop and the off-loop preparation threads tokenize at once (llama_tokenize releases the GIL)."""
+    runner = LlamaRunner(str(bundled_model_path()), ctx_size_per_seq=256, num_seqs=1, batch_size=64, num_threads=1)
+    try:
+        texts = chat_like_texts(choose_markers(runner._special_tokens()), 100, seed=3)
+        expected = [runner._tokenize(text, False, True) for text in texts]
+        runner._pieces._checks_left = 0
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda text: runner.tokenize(text, add_special=False), texts * 4))
+        assert results == expected * 4
     finally:
         runner.close()
