@@ -261,6 +261,7 @@ class LlamaCppEngine:
             "kv_used_tokens": kv_used,
             "kv_cached_tokens": kv_cached,
             "prompt_cache": self._host_cache_stats(),
+            "tokenizer_cache": self.runner.piece_cache_stats(),  # chat prompts' pieces (piece_cache.py)
         }
 
     def _host_cache_stats(self) -> dict | None:

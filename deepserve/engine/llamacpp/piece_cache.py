@@ -102,6 +102,12 @@ class PieceTokenizer:
     def enabled(self) -> bool:
         return self._finder is not None
 
+    def stats(self) -> dict:
+        """What /health shows of it."""
+        with self._lock:
+            return {"enabled": self._finder is not None, "pieces": len(self._pieces), "bytes": self._num_bytes,
+                    "limit_bytes": self._max_bytes, "num_hits": self.num_hits, "num_misses": self.num_misses}
+
     def tokenize(self, text: str) -> list[int]:
         finder = self._finder  # read once: the guard may turn it off meanwhile, on another thread
         if finder is None:

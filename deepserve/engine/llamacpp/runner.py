@@ -277,6 +277,9 @@ class LlamaRunner:
             return self._pieces.tokenize(text)
         return self._tokenize(text, add_special, parse_special)
 
+    def piece_cache_stats(self) -> dict:
+        return self._pieces.stats()
+
     def _special_tokens(self) -> list[SpecialToken]:
         """Each token llama.cpp matches as special when it parses special tokens (piece_cache.choose_markers)."""
         special = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import openai
 import pytest
 
@@ -252,3 +254,23 @@ def test_seed_minus_one_is_a_random_seed_as_in_vllm_and_llama_server(client, ser
 
     assert text(5) == text(5)
     assert len({text(-1) for _ in range(3)}) > 1  # 32 tokens at temperature 1.5: a repeat is all but impossible
+
+
+def test_a_chats_known_pieces_are_not_tokenized_again(client, server, http):
+    """The system prompt and the template's markers of a second chat come from the tokenizer cache (/health)."""
+    system = {"role": "system", "content": f"You answer in one word. Conversation {uuid.uuid4().hex}."}
+
+    def ask(question: str) -> int:
+        r = client.chat.completions.create(model=server.model, max_tokens=1, temperature=0,
+                                           messages=[system, {"role": "user", "content": question}])
+        return r.usage.prompt_tokens
+
+    first = ask(f"Which colour is the sky? {uuid.uuid4().hex}")
+    before = engine_stats(http)["tokenizer_cache"]
+    second = ask(f"Which colour is grass? {uuid.uuid4().hex}")
+    after = engine_stats(http)["tokenizer_cache"]
+    assert before["enabled"] and after["enabled"]
+    assert after["num_misses"] - before["num_misses"] == 1  # only the new question was tokenized
+    assert after["num_hits"] - before["num_hits"] == 4  # system prompt, two ends of turn, the assistant's opening
+    assert 0 < after["bytes"] <= after["limit_bytes"] and after["pieces"] >= 5
+    assert first > 0 and second > 0
