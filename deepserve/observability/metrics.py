@@ -130,7 +130,7 @@ class EngineCollector:
 
     An engine exports what its stats have: `num_waiting` (queue length), `num_running`, and for the
     llama.cpp engine `kv_used_tokens` / `kv_capacity_tokens` / `kv_cached_tokens`, `prompt_cache` (host
-    memory), `num_steps`, `num_decode_errors`. A remote engine may give `kv_cache_usage` (0..1) directly."""
+    memory), `tokenizer_cache` (chat prompt pieces), `num_steps`, `num_decode_errors`. A remote engine may give `kv_cache_usage` (0..1) directly."""
 
     def __init__(self, models: Callable[[], Iterable[Any]]):
         self._models = models
@@ -155,6 +155,15 @@ class EngineCollector:
                                         labels=["model"])
         ram_restored = CounterMetricFamily(
             "deepserve_prompt_cache_ram_restored_tokens", "Prompt tokens copied back from host memory instead of computed.",
+            labels=["model"])
+        pieces_bytes = GaugeMetricFamily(
+            "deepserve_tokenizer_cache_bytes", "Bytes of chat prompt pieces and their tokens the tokenizer keeps.",
+            labels=["model"])
+        pieces_hits = CounterMetricFamily(
+            "deepserve_tokenizer_cache_hits", "Chat prompt pieces whose tokens were kept from an earlier prompt.",
+            labels=["model"])
+        pieces_misses = CounterMetricFamily(
+            "deepserve_tokenizer_cache_misses", "Chat prompt pieces tokenized (not kept from an earlier prompt).",
             labels=["model"])
         steps = CounterMetricFamily("deepserve_engine_steps", "Engine steps (one batched decode each).",
                                     labels=["model"])
@@ -183,12 +192,17 @@ class EngineCollector:
                 ram_bytes.add_metric(labels, ram["bytes"])
                 ram_entries.add_metric(labels, ram["entries"])
                 ram_restored.add_metric(labels, ram["num_restored_tokens"])
+            pieces = stats.get("tokenizer_cache")
+            if pieces:
+                pieces_bytes.add_metric(labels, pieces["bytes"])
+                pieces_hits.add_metric(labels, pieces["num_hits"])
+                pieces_misses.add_metric(labels, pieces["num_misses"])
             if "num_steps" in stats:
                 steps.add_metric(labels, stats["num_steps"])
             if "num_decode_errors" in stats:
                 errors.add_metric(labels, stats["num_decode_errors"])
-        yield from (waiting, running, kv_usage, kv_capacity, kv_cached, ram_bytes, ram_entries, ram_restored, steps,
-                    errors)
+        yield from (waiting, running, kv_usage, kv_capacity, kv_cached, ram_bytes, ram_entries, ram_restored,
+                    pieces_bytes, pieces_hits, pieces_misses, steps, errors)
 
 
 class _Page:

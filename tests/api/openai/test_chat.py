@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from tests.conftest import engine_stats
+from tests.observability.conftest import scrape
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
@@ -274,3 +275,7 @@ def test_a_chats_known_pieces_are_not_tokenized_again(client, server, http):
     assert after["num_hits"] - before["num_hits"] == 4  # system prompt, two ends of turn, the assistant's opening
     assert 0 < after["bytes"] <= after["limit_bytes"] and after["pieces"] >= 5
     assert first > 0 and second > 0
+    page = scrape(server.root_url)
+    assert page.value("deepserve_tokenizer_cache_hits_total", model=server.model) == after["num_hits"]
+    assert page.value("deepserve_tokenizer_cache_misses_total", model=server.model) == after["num_misses"]
+    assert page.value("deepserve_tokenizer_cache_bytes", model=server.model) == after["bytes"]
