@@ -130,44 +130,38 @@ class EngineCollector:
 
     An engine exports what its stats have: `num_waiting` (queue length), `num_running`, and for the
     llama.cpp engine `kv_used_tokens` / `kv_capacity_tokens` / `kv_cached_tokens`, `prompt_cache` (host
-    memory), `tokenizer_cache` (chat prompt pieces), `num_steps`, `num_decode_errors`. A remote engine may give `kv_cache_usage` (0..1) directly."""
+    memory), `tokenizer_cache` (chat prompt pieces), `num_steps`, `num_decode_errors`. A remote engine may give
+    `kv_cache_usage` (0..1) directly."""
 
     def __init__(self, models: Callable[[], Iterable[Any]]):
         self._models = models
 
     def collect(self) -> Iterator[Metric]:
-        waiting = GaugeMetricFamily("deepserve_num_requests_waiting", "Requests waiting for a slot (queue length).",
-                                    labels=["model"])
-        running = GaugeMetricFamily("deepserve_num_requests_running", "Sequences being prefilled or decoded.",
-                                    labels=["model"])
-        kv_usage = GaugeMetricFamily(
-            "deepserve_kv_cache_usage_ratio", "Share of the KV cache held by running sequences (0 to 1).",
-            labels=["model"])
-        kv_capacity = GaugeMetricFamily("deepserve_kv_cache_capacity_tokens", "KV cache size in tokens.",
-                                        labels=["model"])
-        kv_cached = GaugeMetricFamily(
-            "deepserve_kv_cache_cached_tokens",
-            "Tokens whose KV the slots hold, idle prompt-cache entries included.", labels=["model"])
-        ram_bytes = GaugeMetricFamily(
-            "deepserve_prompt_cache_ram_bytes", "Bytes of slot KV the host-memory prompt cache holds (--cache-ram).",
-            labels=["model"])
-        ram_entries = GaugeMetricFamily("deepserve_prompt_cache_ram_entries", "Saved slot states in host memory.",
-                                        labels=["model"])
-        ram_restored = CounterMetricFamily(
-            "deepserve_prompt_cache_ram_restored_tokens", "Prompt tokens copied back from host memory instead of computed.",
-            labels=["model"])
-        pieces_bytes = GaugeMetricFamily(
-            "deepserve_tokenizer_cache_bytes", "Bytes of chat prompt pieces and their tokens the tokenizer keeps.",
-            labels=["model"])
-        pieces_hits = CounterMetricFamily(
-            "deepserve_tokenizer_cache_hits", "Chat prompt pieces whose tokens were kept from an earlier prompt.",
-            labels=["model"])
-        pieces_misses = CounterMetricFamily(
-            "deepserve_tokenizer_cache_misses", "Chat prompt pieces tokenized (not kept from an earlier prompt).",
-            labels=["model"])
-        steps = CounterMetricFamily("deepserve_engine_steps", "Engine steps (one batched decode each).",
-                                    labels=["model"])
-        errors = CounterMetricFamily("deepserve_engine_decode_errors", "Failed batched decodes.", labels=["model"])
+        def gauge(name: str, documentation: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, documentation, labels=["model"])
+
+        def counter(name: str, documentation: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, documentation, labels=["model"])
+
+        waiting = gauge("deepserve_num_requests_waiting", "Requests waiting for a slot (queue length).")
+        running = gauge("deepserve_num_requests_running", "Sequences being prefilled or decoded.")
+        kv_usage = gauge("deepserve_kv_cache_usage_ratio", "Share of the KV cache held by running sequences (0 to 1).")
+        kv_capacity = gauge("deepserve_kv_cache_capacity_tokens", "KV cache size in tokens.")
+        kv_cached = gauge("deepserve_kv_cache_cached_tokens",
+                          "Tokens whose KV the slots hold, idle prompt-cache entries included.")
+        ram_bytes = gauge("deepserve_prompt_cache_ram_bytes",
+                          "Bytes of slot KV the host-memory prompt cache holds (--cache-ram).")
+        ram_entries = gauge("deepserve_prompt_cache_ram_entries", "Saved slot states in host memory.")
+        ram_restored = counter("deepserve_prompt_cache_ram_restored_tokens",
+                               "Prompt tokens copied back from host memory instead of computed.")
+        pieces_bytes = gauge("deepserve_tokenizer_cache_bytes",
+                             "Bytes of chat prompt pieces and their tokens the tokenizer keeps.")
+        pieces_hits = counter("deepserve_tokenizer_cache_hits",
+                              "Chat prompt pieces whose tokens were kept from an earlier prompt.")
+        pieces_misses = counter("deepserve_tokenizer_cache_misses",
+                                "Chat prompt pieces tokenized (not kept from an earlier prompt).")
+        steps = counter("deepserve_engine_steps", "Engine steps (one batched decode each).")
+        errors = counter("deepserve_engine_decode_errors", "Failed batched decodes.")
         for model in self._models() or ():
             try:
                 stats = model.engine.stats()
