@@ -16,6 +16,7 @@ from deepserve.api import health
 from deepserve.api import balance as balance_routes
 from deepserve.api import tokenize as tokenize_routes
 from deepserve.api.admin import routes as admin_routes
+from deepserve.api.arrivals import CountArrivals
 from deepserve.api.content_type import JsonBodies
 from deepserve.api.disconnect import CancelOnDisconnect
 from deepserve.api.auth import require_bearer
@@ -33,6 +34,7 @@ from deepserve.catalog import Catalog, default_catalog
 from deepserve.catalog.plan import ModelPlan, assign_resources, plan_models
 from deepserve.catalog.registry import LocalRegistry
 from deepserve.config import Settings
+from deepserve.engine.arrivals import ARRIVALS
 from deepserve.engine.remote.config import RemoteModelSpec
 from deepserve.observability import routes as metrics_routes
 from deepserve.observability.requests import RequestObserver
@@ -62,6 +64,7 @@ def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> Serv
         poll=settings.poll,
         cpus=plan.cpus,
         cache_ram_mib=plan.cache_ram_mib,
+        arrivals=ARRIVALS,  # counted by CountArrivals (create_app): a lone request's first step does not wait
     )
     runner = engine.runner
     entry = plan.entry
@@ -186,5 +189,6 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     if settings.allowed_origins:  # answers browsers' preflight OPTIONS before auth or routing see it
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["*"])
+    app.add_middleware(CountArrivals)  # requests not yet submitted: the engines' first step waits for them
     app.add_middleware(RequestObserver, log_prompts=settings.log_prompts)  # outermost: request id, metrics, log
     return app

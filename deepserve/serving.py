@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from deepserve.catalog import Catalog, CatalogEntry
 from deepserve.catalog.registry import LocalRegistry
+from deepserve.engine.arrivals import reached_engine
 from deepserve.engine.base import Engine
 from deepserve.engine.types import (
     FinishReason, GenerateRequest, Generation, SamplingParams, TextPrompt, TokenDelta, TokenLogprob, ToolCall,
@@ -297,6 +298,7 @@ def generate(
             request_ids.append(request.request_id)
             if submitted is not None:
                 submitted.append(request)
+        reached_engine()  # the local engine's submit says so itself; an upstream engine's does not
     except Exception:
         for request_id in request_ids:
             engine.abort(request_id)

@@ -279,3 +279,13 @@ def test_a_chats_known_pieces_are_not_tokenized_again(client, server, http):
     assert page.value("deepserve_tokenizer_cache_hits_total", model=server.model) == after["num_hits"]
     assert page.value("deepserve_tokenizer_cache_misses_total", model=server.model) == after["num_misses"]
     assert page.value("deepserve_tokenizer_cache_bytes", model=server.model) == after["bytes"]
+
+
+def test_a_lone_request_starts_without_waiting_for_a_burst(client: openai.OpenAI, server, http):
+    """The server counts requests on their way to the engine (CountArrivals): with none other, the engine's
+    first step after idle does not wait for more."""
+    before = engine_stats(http)["num_burst_waits"]
+    r = client.chat.completions.create(model=server.model, max_tokens=2, temperature=0,
+                                       messages=[{"role": "user", "content": "Say hi."}])
+    assert r.usage.completion_tokens == 2
+    assert engine_stats(http)["num_burst_waits"] == before
