@@ -76,7 +76,7 @@ def serve(
     ctx_size: int = typer.Option(None, help="Context window of one request (default 2048; at most the model's)."),
     parallel: int = typer.Option(None, help="Sequences decoded together (default 8)."),
     batch_size: int = typer.Option(None, help="Tokens per decode step, caps prefill chunks (default 512)."),
-    max_queue: int = typer.Option(None, help="Requests that may wait for a slot before 429 (default 64)."),
+    max_queue: int = typer.Option(None, help="Requests that may wait for a slot before 429 (default 1024)."),
     kv_unified: bool = typer.Option(None, "--kv-unified/--kv-split", help="One KV pool for all slots."),
     cache_ram: int = typer.Option(
         None, "--cache-ram",

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     ctx_size: int = Field(2048, ge=64, description="context window of one request (prompt + max_tokens)")
     parallel: int = Field(8, ge=1, le=256, description="sequences decoded together (slots)")
     batch_size: int = Field(512, ge=8, description="tokens per llama_decode (n_batch): caps prefill chunks")
-    max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot; more get 429")
+    # As llama-server and vLLM, which queue every request, a load test's whole first wave (hundreds started at
+    # once) is answered; bounded all the same, so a flood gets 429 instead of unbounded memory and waits.
+    max_queue: int = Field(1024, ge=0, description="requests allowed to wait for a slot; more get 429")
     kv_unified: bool = False
     cache_ram_mib: int | None = Field(
         None, ge=0, description="host-memory prompt cache per model, MiB (llama-server's --cache-ram; 0: off; "

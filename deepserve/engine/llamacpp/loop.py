@@ -111,7 +111,7 @@ class LlamaCppEngine:
         parallel: int = 8,
         batch_size: int = 512,
         threads: int | None = None,
-        max_queue: int = 64,
+        max_queue: int = 1024,
         kv_unified: bool = False,
         poll: int | None = 0,
         deliver_wait_s: float = 0.005,

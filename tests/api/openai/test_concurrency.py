@@ -42,6 +42,26 @@ def test_eight_concurrent_streams_all_complete_and_share_decode_steps(server, ht
     assert engine_stats(http)["max_seqs_in_step"] >= 2
 
 
+def test_a_load_tests_first_wave_of_a_hundred_is_queued_not_refused(server):
+    """Load tools start hundreds of requests at once (vLLM's benchmark_serving at --request-rate inf, llmperf);
+    llama-server and vLLM queue them all. With the default --max-queue so do we: 100 at once on 8 slots, none
+    refused (the SDK's retries are off, so a 429 would fail the test)."""
+    async def one(client: openai.AsyncOpenAI, i: int) -> str | None:
+        r = await client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": f"Say {i}."}], max_tokens=16,
+            extra_body={"ignore_eos": True},
+        )
+        return r.choices[0].finish_reason
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0,
+                                    http_client=openai.DefaultAsyncHttpxClient(
+                                        limits=httpx.Limits(max_connections=100), timeout=300))
+        return await asyncio.gather(*(one(client, i) for i in range(100)))
+
+    assert asyncio.run(main()) == ["length"] * 100
+
+
 def test_disconnecting_client_frees_its_slot():
     running = start_server("--parallel", "1", "--ctx-size", "4096")
     try:
