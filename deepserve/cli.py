@@ -91,7 +91,7 @@ def serve(
     no_auth: bool = typer.Option(None, "--no-auth", help="Accept requests without a key (local development)."),
     database_url: str = typer.Option(None, help="Billing database URL (default: SQLite deepserve.db in the data dir)."),
     admin_key: str = typer.Option(None, help="Key for the /admin/ API (default: DEEPSERVE_ADMIN_KEY; none: off)."),
-    sse_keepalive: float = typer.Option(None, help="Idle seconds before an SSE `: keep-alive` comment (default 10)."),
+    sse_keepalive: float = typer.Option(None, help="Idle seconds before an SSE `: keep-alive` comment, or a blank line before a late non-streaming answer (default 10)."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
     log_format: str = typer.Option(None, help="Log lines as `text` or `json` (one object a line; default text)."),
     log_prompts: bool = typer.Option(None, "--log-prompts", help="Put each request's prompt in its log line."),

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     # Browsers' cross-origin calls (a chat UI on another port): allowed from anywhere by default, as llama-server
     # and vLLM (--allowed-origins) do; keys travel in headers, never cookies. Empty: no CORS headers at all.
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
-    sse_keepalive_s: float = Field(10.0, gt=0, description="idle seconds before a `: keep-alive` SSE comment")
+    sse_keepalive_s: float = Field(10.0, gt=0, description="idle seconds before a `: keep-alive` SSE comment or a late JSON answer's blank line")
     # operating it (deepserve.observability, deepserve.shutdown)
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each")
     log_prompts: bool = Field(False, description="put each request's prompt in its log line (off: never)")

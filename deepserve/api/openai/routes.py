@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from deepserve.api import sse
 from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.keepalive import JsonAfterBlankLines
 from deepserve.api.openai import render
 from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionRequest
 from deepserve.billing.accounts import price_overrides, resolve_price
@@ -88,6 +89,11 @@ async def get_model(model_id: str, request: Request, _: Principal = Depends(requ
     return _model_card(model, await _price_overrides(request))
 
 
+def _late_answer(answer: Awaitable[Response], request: Request) -> Response:
+    """A non-streaming answer that sends blank lines while it is late (api/keepalive.py)."""
+    return JsonAfterBlankLines(answer, lambda error: request.app.state.errors.render(request, error))
+
+
 def _raise_on_error(choices: list[ChoiceResult]) -> None:
     for choice in choices:
         if choice.error is not None:
@@ -98,11 +104,14 @@ def _raise_on_error(choices: list[ChoiceResult]) -> None:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, _: Principal = Depends(require_bearer)
 ) -> Response:
-    return await chat_completion_response(body, request.app.state.models.get(body.model), request)
+    return await chat_completion_response(body, request.app.state.models.get(body.model), request, blank_lines=True)
 
 
-async def chat_completion_response(body: ChatCompletionRequest, model: ServedModel, request: Request) -> Response:
-    """The OpenAI answer to `body` on `model`; also what the Workers AI and Segmind chat routes answer."""
+async def chat_completion_response(
+    body: ChatCompletionRequest, model: ServedModel, request: Request, *, blank_lines: bool = False
+) -> Response:
+    """The OpenAI answer to `body` on `model`; also what the Workers AI and Segmind chat routes answer.
+    `blank_lines`: a late non-streaming answer is preceded by blank lines, as DeepSeek's (api/keepalive.py)."""
     messages = body.template_messages()
     # tools, reasoning, response_format; a long chat off the event loop (serving.OFFLOAD_CHARS says why)
     chat = await prepare_off_loop(messages_chars(messages), prepare_chat, model, messages, body.chat_options())
@@ -115,9 +124,13 @@ async def chat_completion_response(body: ChatCompletionRequest, model: ServedMod
     response_id = render.new_id("chatcmpl")
     if body.stream:
         return sse.sse_response(_chat_events(response_id, body, stream))
-    choices = await collect_stream(stream, body.n)
-    _raise_on_error(choices)
-    return JSONResponse(render.chat_completion(response_id, body.model, choices, body.logprobs))
+
+    async def answer() -> Response:
+        choices = await collect_stream(stream, body.n)
+        _raise_on_error(choices)
+        return JSONResponse(render.chat_completion(response_id, body.model, choices, body.logprobs))
+
+    return _late_answer(answer(), request) if blank_lines else await answer()
 
 
 async def _chat_events(
@@ -187,19 +200,23 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
     prefixes = [texts[i // body.n] if body.echo else "" for i in range(len(prompts) * body.n)]
     if body.stream:
         return sse.sse_response(_completion_events(response_id, body, streams, prefixes))
-    try:
-        groups = [await collect_stream(s, body.n) for s in streams]
-    finally:  # a client gone while an earlier prompt was collected: the later prompts' requests are aborted too
-        for stream in streams:
-            await stream.aclose()
-    flat = [c for group in groups for c in group]
-    _raise_on_error(flat)
-    return JSONResponse(
-        render.text_completion(
-            response_id, body.model, flat, prefixes=prefixes, want_logprobs=body.logprobs is not None,
-            usage_body=render.usage(groups),
+
+    async def answer() -> Response:
+        try:
+            groups = [await collect_stream(s, body.n) for s in streams]
+        finally:  # a client gone while an earlier prompt was collected: the later prompts' requests are aborted too
+            for stream in streams:
+                await stream.aclose()
+        flat = [c for group in groups for c in group]
+        _raise_on_error(flat)
+        return JSONResponse(
+            render.text_completion(
+                response_id, body.model, flat, prefixes=prefixes, want_logprobs=body.logprobs is not None,
+                usage_body=render.usage(groups),
+            )
         )
-    )
+
+    return _late_answer(answer(), request)
 
 
 async def _interleave(

@@ -132,6 +132,44 @@ def test_waiting_stream_gets_keepalive_comments_then_its_answer():
         running.stop()
 
 
+def test_waiting_non_streaming_request_gets_blank_lines_then_its_answer_through_the_sdk():
+    """DeepSeek's behaviour: a non-streaming request that waits gets its 200 and blank lines until the answer;
+    the openai SDK reads the answer as usual."""
+    import threading
+
+    running = start_server("--parallel", "1", "--ctx-size", "4096", "--sse-keepalive", "0.2")
+    try:
+        headers = {"Authorization": f"Bearer {running.api_key}"}
+        body = {"model": running.model, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
+                "max_tokens": 3000, "ignore_eos": True}
+        committed = threading.Event()  # the waiting request's response headers arrived before its answer
+
+        def on_response(response: httpx.Response) -> None:
+            committed.set()
+
+        sdk = openai.OpenAI(base_url=running.base_url, api_key=running.api_key, max_retries=0,
+                            http_client=httpx.Client(event_hooks={"response": [on_response]}, timeout=120))
+        answers: list = []
+        with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as first:
+                wait_for_a_token(first.iter_lines())  # the only slot is now busy
+                waiting = threading.Thread(target=lambda: answers.append(sdk.chat.completions.create(
+                    model=running.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                    extra_body={"ignore_eos": True})))
+                waiting.start()
+                assert committed.wait(60)  # the 200 came while it still waited for the slot
+                first.close()  # free the slot: the waiting request runs
+            waiting.join(60)
+        [answer] = answers
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 3
+
+        with httpx.Client(base_url=running.root_url, headers=headers, timeout=120) as http:
+            quick = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+        assert quick.status_code == 200 and quick.content.startswith(b"{")  # in time: no blank line
+    finally:
+        running.stop()
+
+
 def test_non_streaming_client_that_hangs_up_frees_its_slot():
     import json
     import socket
