@@ -5,31 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import pytest
 from starlette.responses import JSONResponse
 
 from deepserve.api.keepalive import JsonAfterBlankLines
 from deepserve.errors import DeepserveError, EngineError
-
-
-def scope(keepalive_s: float) -> dict:
-    settings = SimpleNamespace(sse_keepalive_s=keepalive_s)
-    return {"type": "http", "app": SimpleNamespace(state=SimpleNamespace(settings=settings))}
-
-
-async def never_receive() -> dict:
-    await asyncio.Event().wait()
-    return {}
+from tests.api.responses import bodies, never_receive, scope
 
 
 def render_error(error: DeepserveError) -> JSONResponse:
     return JSONResponse({"error": {"message": error.message}}, status_code=error.status_code)
-
-
-def bodies(sent: list[dict]) -> list[bytes]:
-    return [m["body"] for m in sent if m["type"] == "http.response.body"]
 
 
 async def respond(answer, keepalive_s: float, sent: list[dict], on_send=None) -> None:

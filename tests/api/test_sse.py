@@ -4,27 +4,13 @@ and the event generator closed however the response ends."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
 from deepserve.api.sse import EventStreamResponse
+from tests.api.responses import bodies, never_receive, scope
 
 KEEPALIVE = b": keep-alive\n\n"
-
-
-def scope(keepalive_s: float) -> dict:
-    settings = SimpleNamespace(sse_keepalive_s=keepalive_s)
-    return {"type": "http", "app": SimpleNamespace(state=SimpleNamespace(settings=settings))}
-
-
-async def never_receive() -> dict:
-    await asyncio.Event().wait()
-    return {}
-
-
-def bodies(sent: list[dict]) -> list[bytes]:
-    return [m["body"] for m in sent if m["type"] == "http.response.body"]
 
 
 async def two_events_with_a_gap(gap_ends: asyncio.Event):
