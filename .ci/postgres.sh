@@ -34,8 +34,20 @@ fi
 mkdir -p "$PG_ROOT"
 if [ "$(id -u)" = 0 ]; then chown postgres: "$PG_ROOT"; fi
 as_pg "$BIN/initdb" -D "$PG_ROOT/data" -U postgres -A trust -E UTF8 >/dev/null
-as_pg "$BIN/pg_ctl" -D "$PG_ROOT/data" -l "$PG_ROOT/server.log" -w -t 60 \
-    -o "-p $PG_PORT -k $PG_ROOT -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off" start >&2
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# 55432 sits in the kernel's ephemeral range: a client socket of anything else on the machine can hold it for a
+# moment (seen once here: "could not bind ... Address already in use"). Then take a port the kernel says is free.
+for attempt in 1 2 3; do
+    if as_pg "$BIN/pg_ctl" -D "$PG_ROOT/data" -l "$PG_ROOT/server.log" -w -t 60 \
+        -o "-p $PG_PORT -k $PG_ROOT -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off" start >&2; then
+        break
+    fi
+    if [ "$attempt" = 3 ] || [ -n "${DEEPSERVE_PG_PORT:-}" ] || ! grep -q "Address already in use" "$PG_ROOT/server.log"; then
+        exit 1
+    fi
+    PG_PORT="$(free_port)"
+    say "port taken, trying $PG_PORT"
+done
 as_pg "$BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1 -q \
     -c "CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD'" \
     -c "CREATE DATABASE $PG_DB OWNER $PG_USER" >&2
