@@ -50,6 +50,13 @@ def validation_error(exc: RequestValidationError) -> InvalidRequestError:
     return error
 
 
+def unexpected_error(path: str) -> DeepserveError:
+    """What a caller gets for an error the code did not expect (logged here with its traceback; the caller sees
+    no internals). Call it inside the `except` that caught the error."""
+    log.exception("unhandled error on %s", path)
+    return DeepserveError("The server had an error while processing your request.")
+
+
 def http_error(exc: StarletteHTTPException) -> DeepserveError:
     if exc.status_code == 404:
         return NotFoundError("Not found: no such route.")
@@ -127,5 +134,4 @@ class ErrorRouter:
 
         @app.exception_handler(Exception)
         async def _unexpected(request: Request, exc: Exception) -> Response:
-            log.exception("unhandled error on %s", request.url.path)
-            return self.render(request, DeepserveError("The server had an error while processing your request."))
+            return self.render(request, unexpected_error(request.url.path))

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from deepserve.api.sse import KEEPALIVE_INTERVAL_S
+from deepserve.api.errors import unexpected_error
+from deepserve.api.sse import keepalive_interval_s
 from deepserve.errors import DeepserveError
 
 BLANK_LINE = b"\n"
@@ -40,8 +41,7 @@ class JsonAfterBlankLines(Response):
         self.init_headers({})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = getattr(scope["app"].state, "settings", None)
-        interval_s = getattr(settings, "sse_keepalive_s", KEEPALIVE_INTERVAL_S)
+        interval_s = keepalive_interval_s(scope)
         task = asyncio.ensure_future(self.answer)
         try:
             await asyncio.wait({task}, timeout=interval_s)
@@ -56,8 +56,8 @@ class JsonAfterBlankLines(Response):
                 body = task.result().body
             except DeepserveError as error:
                 body = self.render_error(error).body
-            except Exception as exc:  # the status is sent: the error goes in the body, as any other would
-                body = self.render_error(DeepserveError(f"The server failed while answering: {exc}")).body
+            except Exception:  # the status is sent: the error goes in the body, as the app's handler words it
+                body = self.render_error(unexpected_error(scope["path"])).body
             await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             if not task.done():  # the client left (CancelOnDisconnect cancels us): abort the generation

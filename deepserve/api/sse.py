@@ -23,6 +23,12 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+def keepalive_interval_s(scope: Scope) -> float:
+    """The app's `sse_keepalive_s` (--sse-keepalive): how long a waiting response stays silent."""
+    settings = getattr(scope["app"].state, "settings", None)
+    return getattr(settings, "sse_keepalive_s", KEEPALIVE_INTERVAL_S)
+
+
 def comment(text: str = "keep-alive") -> bytes:
     return f": {text}\n\n".encode()
 
@@ -49,10 +55,8 @@ class EventStreamResponse(Response):
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = getattr(scope["app"].state, "settings", None)
-        interval_s = getattr(settings, "sse_keepalive_s", KEEPALIVE_INTERVAL_S)
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        writer = _Writer(send, interval_s)
+        writer = _Writer(send, keepalive_interval_s(scope))
         try:
             async with contextlib.aclosing(self.events):  # type: ignore[type-var]
                 async for chunk in self.events:

@@ -115,3 +115,28 @@ def test_a_client_gone_cancels_the_answer():
         return cancelled.is_set()
 
     assert asyncio.run(main()) is True
+
+
+def test_a_late_unexpected_error_is_logged_and_worded_as_the_apps_handler_words_it(caplog):
+    async def main() -> list[dict]:
+        release = asyncio.Event()
+
+        async def answer():
+            await release.wait()
+            raise RuntimeError("internal detail")
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if bodies(sent).count(b"\n") >= 2:
+                release.set()
+
+        await JsonAfterBlankLines(answer(), render_error)({**scope(0.01), "path": "/v1/chat/completions"},
+                                                          never_receive, send)
+        return sent
+
+    sent = asyncio.run(main())
+    message = json.loads(b"".join(bodies(sent)))["error"]["message"]
+    assert message == "The server had an error while processing your request."  # no internals to the caller
+    assert any("internal detail" in (r.exc_text or "") for r in caplog.records)
