@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 def scope(keepalive_s: float) -> dict:
     settings = SimpleNamespace(sse_keepalive_s=keepalive_s)
-    return {"type": "http", "app": SimpleNamespace(state=SimpleNamespace(settings=settings))}
+    return {"type": "http", "path": "/v1/chat/completions", "app": SimpleNamespace(state=SimpleNamespace(settings=settings))}
 
 
 async def never_receive() -> dict:

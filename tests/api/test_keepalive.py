@@ -27,11 +27,25 @@ async def respond(answer, keepalive_s: float, sent: list[dict], on_send=None) ->
     await JsonAfterBlankLines(answer, render_error)(scope(keepalive_s), never_receive, send)
 
 
-def release_after_two_blank_lines(release: asyncio.Event):
-    def on_send(sent: list[dict]) -> None:
-        if bodies(sent).count(b"\n") >= 2:
-            release.set()
-    return on_send
+def sent_for_a_late(outcome) -> list[dict]:
+    """What goes out for an answer that comes, or fails, once two blank lines were written: `outcome()` is
+    awaited for it then."""
+    async def main() -> list[dict]:
+        release = asyncio.Event()
+
+        async def answer():
+            await release.wait()
+            return await outcome()
+
+        def on_send(sent: list[dict]) -> None:
+            if bodies(sent).count(b"\n") >= 2:
+                release.set()
+
+        sent: list[dict] = []
+        await respond(answer(), 0.01, sent, on_send)
+        return sent
+
+    return asyncio.run(main())
 
 
 def test_an_answer_in_time_goes_out_as_it_is():
@@ -55,18 +69,10 @@ def test_an_error_in_time_is_raised_for_the_apps_handlers_and_nothing_is_sent():
 
 
 def test_a_late_answer_is_preceded_by_blank_lines_and_parses_as_json():
-    async def main() -> list[dict]:
-        release = asyncio.Event()
+    async def outcome():
+        return JSONResponse({"choices": [{"text": "hi"}]}, status_code=200)
 
-        async def answer():
-            await release.wait()
-            return JSONResponse({"choices": [{"text": "hi"}]}, status_code=200)
-
-        sent: list[dict] = []
-        await respond(answer(), 0.01, sent, release_after_two_blank_lines(release))
-        return sent
-
-    sent = asyncio.run(main())
+    sent = sent_for_a_late(outcome)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
     assert dict(sent[0]["headers"])[b"content-type"] == b"application/json"
     body = bodies(sent)
@@ -76,18 +82,10 @@ def test_a_late_answer_is_preceded_by_blank_lines_and_parses_as_json():
 
 
 def test_a_late_error_goes_in_the_body_as_the_dialects_error():
-    async def main() -> list[dict]:
-        release = asyncio.Event()
+    async def outcome():
+        raise EngineError("The engine failed while generating: x")
 
-        async def answer():
-            await release.wait()
-            raise EngineError("The engine failed while generating: x")
-
-        sent: list[dict] = []
-        await respond(answer(), 0.01, sent, release_after_two_blank_lines(release))
-        return sent
-
-    sent = asyncio.run(main())
+    sent = sent_for_a_late(outcome)
     assert sent[0]["status"] == 200  # sent before the error was known
     assert json.loads(b"".join(bodies(sent))) == {"error": {"message": "The engine failed while generating: x"}}
 
@@ -118,25 +116,9 @@ def test_a_client_gone_cancels_the_answer():
 
 
 def test_a_late_unexpected_error_is_logged_and_worded_as_the_apps_handler_words_it(caplog):
-    async def main() -> list[dict]:
-        release = asyncio.Event()
+    async def outcome():
+        raise RuntimeError("internal detail")
 
-        async def answer():
-            await release.wait()
-            raise RuntimeError("internal detail")
-
-        sent: list[dict] = []
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-            if bodies(sent).count(b"\n") >= 2:
-                release.set()
-
-        await JsonAfterBlankLines(answer(), render_error)({**scope(0.01), "path": "/v1/chat/completions"},
-                                                          never_receive, send)
-        return sent
-
-    sent = asyncio.run(main())
-    message = json.loads(b"".join(bodies(sent)))["error"]["message"]
+    message = json.loads(b"".join(bodies(sent_for_a_late(outcome))))["error"]["message"]
     assert message == "The server had an error while processing your request."  # no internals to the caller
     assert any("internal detail" in (r.exc_text or "") for r in caplog.records)
