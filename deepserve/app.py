@@ -18,6 +18,7 @@ from deepserve.api import tokenize as tokenize_routes
 from deepserve.api.admin import routes as admin_routes
 from deepserve.api.arrivals import CountArrivals
 from deepserve.api.content_type import JsonBodies
+from deepserve.api.direct import CYCLE_KEY
 from deepserve.api.disconnect import CancelOnDisconnect
 from deepserve.api.auth import require_bearer
 from deepserve.api.errors import ErrorRouter, openai_error_response
@@ -43,6 +44,18 @@ from deepserve.shutdown import Drain, DrainGuard
 from deepserve.templates.chat import ChatTemplate, choose_template_source
 
 log = logging.getLogger(__name__)
+
+
+class DeepserveApp(FastAPI):
+    """FastAPI that keeps uvicorn's connection of each HTTP request in its scope (api/direct.py writes plain
+    tokens to its socket from the engine thread). The middlewares wrap `send`, so only here is it uvicorn's own."""
+
+    async def __call__(self, scope, receive, send):  # type: ignore[override]
+        if scope["type"] == "http":
+            cycle = getattr(send, "__self__", None)
+            if cycle is not None:
+                scope[CYCLE_KEY] = cycle
+        await super().__call__(scope, receive, send)
 
 
 def load_served_model(settings: Settings, plan: ModelPlan | None = None) -> ServedModel:
@@ -153,7 +166,7 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
         finally:
             await billing.stop()
 
-    app = FastAPI(title="deepserve", version=__version__, lifespan=lifespan)
+    app = DeepserveApp(title="deepserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.dev_key = dev_key
     billing = Billing(settings, keys)  # configured keys stay valid: the operator's own, unmetered

@@ -24,7 +24,7 @@ from deepserve.engine.arrivals import reached_engine
 from deepserve.engine.base import Engine
 from deepserve.engine.types import (
     FinishReason, GenerateRequest, Generation, SamplingParams, TextPrompt, TokenDelta, TokenLogprob, ToolCall,
-    next_request_id,
+    attach_direct, next_request_id,
 )
 from deepserve.errors import InvalidRequestError, ModelNotFoundError
 from deepserve.observability.requests import observe_streams
@@ -325,6 +325,10 @@ class _Merged:
             self._merged = _merge(self._streams)
         return await self._merged.__anext__()
 
+    def attach_direct(self, sink: Any) -> bool:
+        """A one-choice stream's engine request may deliver its plain text to `sink` (api/direct.py)."""
+        return len(self._streams) == 1 and attach_direct(self._streams[0], sink)
+
     async def aclose(self) -> None:
         try:
             if self._merged is not None:
@@ -402,6 +406,9 @@ class _ReadAhead:
             first, self._first = self._first, None
             return first
         return await self._inner.__anext__()
+
+    def attach_direct(self, sink: Any) -> bool:
+        return attach_direct(self._inner, sink)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -15,6 +15,9 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from deepserve.api.direct import DirectText, DirectWriter, open_direct
+from deepserve.engine.types import attach_direct
+
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE_INTERVAL_S = 10.0
 
@@ -48,21 +51,29 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str] | None = None):
+    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str] | None = None,
+                 direct: DirectText | None = None):
         self.events = events
+        self.direct = direct  # plain text deltas the engine thread may write itself (api/direct.py)
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        writer = _Writer(send, keepalive_interval_s(scope))
+        direct = open_direct(scope, self.direct) if self.direct is not None else None
+        if direct is not None and not attach_direct(self.direct.stream, direct):
+            direct.close()
+            direct = None
+        writer = _Writer(send, keepalive_interval_s(scope), direct)
         try:
             async with contextlib.aclosing(self.events):  # type: ignore[type-var]
                 async for chunk in self.events:
                     await writer.write(chunk if isinstance(chunk, bytes) else chunk.encode())
         finally:
             await writer.stop_keepalive()
+            if direct is not None:
+                direct.close()  # the engine is done with it, or writes nothing more once it is closed
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         if self.background is not None:  # a route's BackgroundTasks (FastAPI sets them here): after the answer
             await self.background()
@@ -71,10 +82,11 @@ class EventStreamResponse(Response):
 class _Writer:
     """Body writes of one event stream, and the keep-alive timer that watches them."""
 
-    __slots__ = ("_send", "_loop", "_interval_s", "_last_write", "_busy", "_timer", "_comment_task")
+    __slots__ = ("_send", "_direct", "_loop", "_interval_s", "_last_write", "_busy", "_timer", "_comment_task")
 
-    def __init__(self, send: Send, interval_s: float):
+    def __init__(self, send: Send, interval_s: float, direct: DirectWriter | None = None):
         self._send = send
+        self._direct = direct
         self._loop = asyncio.get_running_loop()
         self._interval_s = interval_s
         self._last_write = self._loop.time()
@@ -83,6 +95,8 @@ class _Writer:
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._check)
 
     async def write(self, body: bytes) -> None:
+        if self._direct is not None:
+            self._direct.flush_rest()  # the end of a direct write comes first
         self._busy = True
         try:
             await self._send({"type": "http.response.body", "body": body, "more_body": True})
@@ -93,7 +107,10 @@ class _Writer:
     def _check(self) -> None:
         """Timer: write a comment if nothing was written for the interval, then look again an interval after
         the last write. One timer per stream, re-armed only when it fires (not per event)."""
-        idle_s = self._loop.time() - self._last_write
+        last_write = self._last_write
+        if self._direct is not None:  # tokens the engine thread wrote count as writes
+            last_write = max(last_write, self._direct.last_write_at)
+        idle_s = self._loop.time() - last_write
         delay_s = self._interval_s - idle_s
         if delay_s <= 0:
             # A write stuck on a client that does not read (or a comment still going) needs no comment more.
@@ -103,6 +120,11 @@ class _Writer:
         self._timer = self._loop.call_later(delay_s, self._check)
 
     async def _write_comment(self) -> None:
+        direct = self._direct
+        if direct is not None and direct.armed and direct.send_body(comment()):
+            # While the engine thread may write (armed), a comment goes the same way, under the same lock.
+            self._comment_task = None
+            return
         try:
             await self.write(comment())
         except Exception:  # a broken connection: the stream's own next write or the disconnect reports it
@@ -122,5 +144,6 @@ class _Writer:
                 await task
 
 
-def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> Response:
-    return EventStreamResponse(events, headers)
+def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None = None,
+                 direct: DirectText | None = None) -> Response:
+    return EventStreamResponse(events, headers, direct)

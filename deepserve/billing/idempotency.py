@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepserve.api.auth import api_key_header, bearer_token
+from deepserve.api.direct import BODY_RECORDED_KEY
 from deepserve.billing.tables import IdempotencyRecord, utcnow
 from deepserve.errors import ConflictError, DeepserveError, IdempotencyMismatchError, InvalidRequestError
 
@@ -160,6 +161,7 @@ class IdempotencyMiddleware:
             await send(message)
 
         stored = False
+        scope[BODY_RECORDED_KEY] = True  # every body byte must pass capturing_send: no direct writes (api/direct.py)
         try:
             await self.app(scope, replay_receive, capturing_send)
             if complete and 200 <= answer.status_code < 300:

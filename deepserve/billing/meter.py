@@ -169,6 +169,12 @@ class _Choice:
         self.num_delivered = 0  # generated tokens seen so far
         self.final: TokenDelta | None = None
 
+    @classmethod
+    def delivered(cls, num_tokens: int) -> _Choice:
+        choice = cls()
+        choice.num_delivered = num_tokens
+        return choice
+
 
 class Charge:
     """The metering of one HTTP request: one reservation, the streams of its prompts, one settle."""
@@ -186,6 +192,8 @@ class Charge:
         self._num_open = 0
         self._settled = False
         self._requests: list[list[GenerateRequest]] | None = None
+        # A group whose one choice's plain text goes out past the stream (api/direct.py): its writer, which counts.
+        self.direct: dict[int, Any] = {}
 
     def wrap(
         self, streams: list[AsyncIterator[tuple[int, TokenDelta]]], requests: list[list[GenerateRequest]] | None = None
@@ -219,6 +227,9 @@ class Charge:
         total = Usage()
         statuses = set()
         for group, (num_prompt, choices) in enumerate(zip(self._prompt_lengths, self._choices)):
+            direct = self.direct.get(group)
+            if direct is not None and choices[0].final is None:
+                choices = [_Choice.delivered(choices[0].num_delivered + direct.num_tokens)]
             computed = [choice for index, choice in enumerate(choices) if self._computed(group, index)]
             if computed:
                 total.add(count_choices(num_prompt, computed))
@@ -273,6 +284,9 @@ class MeteredStream(StreamTap):
             # Settle before the last delta reaches the client: once a client has seen a request end, its
             # usage is committed, so a crash (kill -9) right after cannot lose a completed request's charge.
             await self._charge.settle()
+
+    def _direct_attached(self, sink: Any) -> None:
+        self._charge.direct[self._group] = sink  # its tokens were delivered too: usage() counts them
 
     async def _closed_hook(self) -> None:
         await self._charge.stream_closed()

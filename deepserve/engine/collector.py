@@ -10,27 +10,71 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from deepserve.engine.types import TokenDelta
 
 MAX_IDLE_HOPS = 64  # rounds of the loop's ready queue a flush waits through at most (with wait_s, its bound)
 
 
+class DirectSink(Protocol):
+    """Where the engine thread may deliver a plain text delta itself (api/direct.py: DirectWriter)."""
+
+    armed: bool
+
+    def can_arm(self) -> bool: ...
+
+    def send_text(self, text: str, num_tokens: int) -> bool: ...
+
+
 class RequestCollector:
+    """One request's deltas, from the engine thread to the request's handler.
+
+    With a `direct` sink, the engine thread delivers plain text deltas there instead, but only while everything
+    it posted before has been taken and written: the sink is armed only while the handler waits here on an
+    empty queue with nothing left in its transport, and the engine also checks that it has posted no delta the
+    handler has not taken yet (`num_posted` == `num_taken`: one still on its way through the loop). So the
+    client gets every delta in order, whichever way each went."""
+
+    __slots__ = ("loop", "_queue", "direct", "num_posted", "num_taken")
+
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self.direct: DirectSink | None = None
+        self.num_posted = 0  # engine thread: deltas handed to the Postbox for this request
+        self.num_taken = 0  # event loop: deltas the handler has taken
 
     def put_in_loop(self, delta: TokenDelta) -> None:
         """Called on the event loop's thread."""
         self._queue.put_nowait(delta)
 
     async def next(self) -> TokenDelta:
-        return await self._queue.get()
+        direct = self.direct
+        if direct is None:
+            delta = await self._queue.get()
+        else:
+            if self._queue.empty() and direct.can_arm():
+                direct.armed = True
+            try:
+                delta = await self._queue.get()
+            finally:
+                direct.armed = False  # before num_taken counts it: the engine sees the delta as still on its way
+        self.num_taken += 1
+        return delta
+
+    def try_direct(self, delta: TokenDelta) -> bool:
+        """Engine thread: deliver a plain text delta through the sink. False: post it (Postbox.put)."""
+        direct = self.direct
+        if (direct is None or not direct.armed or self.num_posted != self.num_taken or delta.logprobs
+                or delta.prompt_logprobs or delta.reasoning_text or delta.tool_calls or delta.error is not None
+                or delta.finish_reason is not None):
+            return False
+        return direct.send_text(delta.text, len(delta.token_ids))
 
     async def __aiter__(self) -> AsyncIterator[TokenDelta]:
         while True:
-            delta = await self._queue.get()
+            delta = await self.next()
             yield delta
             if delta.finish_reason is not None:
                 return
@@ -60,6 +104,7 @@ class Postbox:
         self.wait_s = wait_s
 
     def put(self, collector: RequestCollector, delta: TokenDelta) -> None:
+        collector.num_posted += 1
         self._items.append((collector, delta))
 
     def flush(self) -> None:

@@ -249,6 +249,14 @@ def count_choices(num_prompt: int, choices: Iterable[Any]) -> TokenCounts:
     )
 
 
+def attach_direct(stream: Any, sink: Any) -> bool:
+    """Give a direct sink (api/direct.py: where the engine thread writes plain text deltas itself) to the engine
+    request behind a one-choice stream, through the streams wrapped around it. False: it has no such request
+    (several choices, an upstream engine)."""
+    attach = getattr(stream, "attach_direct", None)
+    return bool(attach is not None and attach(sink))
+
+
 class StreamTap:
     """A `generate()` stream passed on unchanged, with a look at each item (`_seen`) and a hook that runs once
     when it closes (`_closed_hook`): at its end, on a failure, or when the response closes it (client gone).
@@ -278,6 +286,16 @@ class StreamTap:
 
     async def _seen(self, index: int, delta: TokenDelta) -> None:
         """Called with each item before it is passed on."""
+
+    def attach_direct(self, sink: Any) -> bool:
+        """Pass a direct sink (api/direct.py) on to the engine request inside, and see it (`_direct_attached`)."""
+        if not attach_direct(self._inner, sink):
+            return False
+        self._direct_attached(sink)
+        return True
+
+    def _direct_attached(self, sink: Any) -> None:
+        """Called when the one choice's plain text deltas may bypass this tap (`sink` counts them)."""
 
     async def _closed_hook(self) -> None:
         """Called once, after the inner stream is closed."""

@@ -87,7 +87,7 @@ class _Choice:
 class ObservedStream(StreamTap):
     """A generation stream (n choices of one prompt) that reports timing and tokens to the request's record."""
 
-    __slots__ = ("_record", "_num_prompt", "_choices", "_itl")
+    __slots__ = ("_record", "_num_prompt", "_choices", "_itl", "_direct")
 
     def __init__(self, inner: AsyncIterator[tuple[int, TokenDelta]], record: RequestRecord, num_prompt: int, n: int):
         super().__init__(inner)
@@ -95,21 +95,41 @@ class ObservedStream(StreamTap):
         self._num_prompt = num_prompt
         self._choices = [_Choice() for _ in range(n)]
         self._itl = metrics.INTER_TOKEN_LATENCY.labels(record.model, record.dialect)  # looked up once, used per token
+        self._direct: Any = None  # api/direct.py's writer of the one choice's plain text, if it has one
+
+    def _direct_attached(self, sink: Any) -> None:
+        sink.itl = self._itl  # it observes the gaps between the tokens it writes
+        self._direct = sink
+
+    def _last_token_at(self, choice: _Choice) -> float | None:
+        direct = self._direct
+        return choice.last_token_at if direct is None else direct.last_token_at
+
+    def _note_direct_first_token(self) -> None:
+        """Time to first token when the first token went out directly (api/direct.py)."""
+        record, direct = self._record, self._direct
+        if direct is not None and direct.first_token_at is not None and record.first_token_at is None:
+            record.first_token_at = direct.first_token_at
+            metrics.TIME_TO_FIRST_TOKEN.labels(record.model, record.dialect).observe(record.elapsed(direct.first_token_at))
 
     async def _seen(self, index: int, delta: TokenDelta) -> None:
         record = self._record
         choice = self._choices[index]
         num_tokens = delta.num_tokens  # an upstream engine streams text: its deltas count without ids
+        if self._direct is not None:
+            self._note_direct_first_token()
         if num_tokens:
             now = time.perf_counter()
             if record.first_token_at is None:
                 record.first_token_at = now
                 metrics.TIME_TO_FIRST_TOKEN.labels(record.model, record.dialect).observe(record.elapsed(now))
-            elif choice.last_token_at is not None:  # a choice's first token is no inter-token gap
-                gap = (now - choice.last_token_at) / num_tokens  # a delta may carry several tokens (remote)
+            elif (last := self._last_token_at(choice)) is not None:  # a choice's first token is no inter-token gap
+                gap = (now - last) / num_tokens  # a delta may carry several tokens (remote)
                 for _ in range(num_tokens):
                     self._itl.observe(gap)
             choice.last_token_at = now
+            if self._direct is not None:  # the next direct token's gap is from this one (never both at once)
+                self._direct.last_token_at = now
             choice.num_delivered += num_tokens
         if delta.finish_reason is not None:
             choice.final = delta
@@ -118,6 +138,9 @@ class ObservedStream(StreamTap):
         """Tokens as usage counts them: the engine's final counts, else the prompt and what was delivered."""
         record = self._record
         labels = (record.model, record.dialect)
+        if self._direct is not None:
+            self._note_direct_first_token()
+            self._choices[0].num_delivered += self._direct.num_tokens
         counts = count_choices(self._num_prompt, self._choices)
         record.tokens.add(counts)
         metrics.PROMPT_TOKENS.labels(*labels).inc(counts.num_prompt)

@@ -144,3 +144,74 @@ def test_a_closed_loop_is_skipped():
     postbox.put(collector, TokenDelta(text="late"))
     postbox.flush()  # the server is shutting down: nothing to deliver to, no error, no wait
     assert collector._queue.qsize() == 0
+
+
+class FakeSink:
+    """A direct sink (api/direct.py) that records what it was given."""
+
+    def __init__(self, *, can_arm: bool = True):
+        self.armed = False
+        self._can_arm = can_arm
+        self.texts: list[str] = []
+
+    def can_arm(self) -> bool:
+        return self._can_arm
+
+    def send_text(self, text: str, num_tokens: int) -> bool:
+        self.texts.append(text)
+        return True
+
+
+def test_the_sink_is_armed_only_while_the_handler_waits_on_an_empty_queue():
+    async def main():
+        collector = RequestCollector(asyncio.get_running_loop())
+        sink = collector.direct = FakeSink()
+        waiting = asyncio.ensure_future(collector.next())
+        await asyncio.sleep(0)  # let it start waiting (a scheduling step, not a timing)
+        armed_while_waiting = sink.armed
+        collector.num_posted += 1
+        collector.put_in_loop(TokenDelta(text="a"))
+        delta = await waiting
+        return armed_while_waiting, sink.armed, delta, collector.num_taken
+
+    armed_while_waiting, armed_after, delta, taken = asyncio.run(main())
+    assert armed_while_waiting and not armed_after
+    assert delta.text == "a" and taken == 1
+
+
+def test_the_sink_is_not_armed_with_a_delta_queued_or_while_its_transport_holds_data():
+    async def main():
+        collector = RequestCollector(asyncio.get_running_loop())
+        sink = collector.direct = FakeSink()
+        collector.num_posted += 1
+        collector.put_in_loop(TokenDelta(text="queued"))
+        await collector.next()
+        queued_armed = sink.armed
+        busy = collector.direct = FakeSink(can_arm=False)
+        waiting = asyncio.ensure_future(collector.next())
+        await asyncio.sleep(0)
+        busy_armed = busy.armed
+        waiting.cancel()
+        return queued_armed, busy_armed
+
+    assert asyncio.run(main()) == (False, False)
+
+
+def test_the_engine_writes_directly_only_plain_text_with_nothing_of_its_request_still_on_its_way():
+    collector = RequestCollector(None)  # type: ignore[arg-type]
+    sink = collector.direct = FakeSink()
+    plain = TokenDelta(text="x", token_ids=[1])
+    assert not collector.try_direct(plain)  # not armed: the handler is not waiting
+    sink.armed = True
+    assert collector.try_direct(plain) and sink.texts == ["x"]
+    collector.num_posted = 1  # one posted that the handler has not taken: it would be overtaken
+    assert not collector.try_direct(plain)
+    collector.num_taken = 1
+    for delta in (
+        TokenDelta(text="x", logprobs=[object()]),  # type: ignore[list-item]
+        TokenDelta(reasoning_text="hm"),
+        TokenDelta(text="x", finish_reason=FinishReason.STOP),
+        TokenDelta(error="boom"),
+    ):
+        assert not collector.try_direct(delta)
+    assert collector.try_direct(TokenDelta(text="y", token_ids=[2])) and sink.texts == ["x", "y"]

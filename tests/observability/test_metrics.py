@@ -76,6 +76,32 @@ def test_a_stream_with_two_choices_counts_each_choice(json_server):
     assert moved(before, after, "deepserve_inter_token_latency_seconds_count", **labels) == 2 * (6 - 1)
 
 
+def test_a_stream_the_engine_thread_writes_itself_is_measured_as_one_through_the_loop(json_server):
+    """A one-choice stream's text goes out from the engine thread (api/direct.py): its first token, each gap
+    and its tokens are counted all the same, and the request log has its time to first token."""
+    model = json_server.model
+    labels = {"model": model, "dialect": "openai"}
+    before = scrape(json_server.root_url)
+    health_before = httpx.get(json_server.root_url + "/health").json()["engines"][0]["num_direct_tokens"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Count from one to twenty."}], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", json_server.base_url + "/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        request_id = r.headers["x-request-id"]
+    line = request_line(json_server, request_id)
+    after = scrape(json_server.root_url)
+    health_after = httpx.get(json_server.root_url + "/health").json()["engines"][0]["num_direct_tokens"]
+
+    assert health_after > health_before  # the case this test is about
+    assert sum(1 for e in events if e["choices"][0]["delta"].get("content")) == 12
+    assert moved(before, after, "deepserve_generation_tokens_total", **labels) == 12
+    assert moved(before, after, "deepserve_time_to_first_token_seconds_count", **labels) == 1
+    assert moved(before, after, "deepserve_inter_token_latency_seconds_count", **labels) == 12 - 1
+    assert 0 < line["ttft_ms"] <= line["latency_ms"] and line["completion_tokens"] == 12
+
+
 @pytest.mark.parametrize("dialect", ["workers_ai", "dataoorts", "segmind", "openai"])
 def test_each_dialect_is_labelled_as_itself(json_server, dialect):
     model = json_server.model

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from deepserve.api import sse
 from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.direct import MARK, DirectText
 from deepserve.api.keepalive import JsonAfterBlankLines
 from deepserve.api.openai import render
 from deepserve.api.openai.schemas import ChatCompletionRequest, CompletionRequest
@@ -123,7 +124,9 @@ async def chat_completion_response(
     stream = await metered_generate(request, model, prompt_tokens, sampling, body.n)
     response_id = render.new_id("chatcmpl")
     if body.stream:
-        return sse.sse_response(_chat_events(response_id, body, stream))
+        created = int(time.time())
+        return sse.sse_response(_chat_events(response_id, created, body, stream),
+                                direct=_direct_chat_text(response_id, created, body, stream))
 
     async def answer() -> Response:
         choices = await collect_stream(stream, body.n)
@@ -133,10 +136,19 @@ async def chat_completion_response(
     return _late_answer(answer(), request) if blank_lines else await answer()
 
 
+def _direct_chat_text(
+    response_id: str, created: int, body: ChatCompletionRequest, stream: AsyncIterator[tuple[int, TokenDelta]]
+) -> DirectText | None:
+    """A one-choice stream's plain text chunks, as _chat_events renders them, for the engine to write itself."""
+    if body.n != 1 or body.logprobs:
+        return None
+    sample = render.chat_chunk(response_id, created, body.model, 0, {"content": MARK}, include_usage=body.include_usage)
+    return DirectText(stream, sse.event(sample))
+
+
 async def _chat_events(
-    response_id: str, body: ChatCompletionRequest, stream: AsyncIterator[tuple[int, TokenDelta]]
+    response_id: str, created: int, body: ChatCompletionRequest, stream: AsyncIterator[tuple[int, TokenDelta]]
 ) -> AsyncIterator[bytes]:
-    created = int(time.time())
     include_usage = body.include_usage
     choices = [ChoiceResult(index=i) for i in range(body.n)]
 
@@ -199,7 +211,9 @@ async def completions(body: CompletionRequest, request: Request, _: Principal = 
     response_id = render.new_id("cmpl")
     prefixes = [texts[i // body.n] if body.echo else "" for i in range(len(prompts) * body.n)]
     if body.stream:
-        return sse.sse_response(_completion_events(response_id, body, streams, prefixes))
+        created = int(time.time())
+        return sse.sse_response(_completion_events(response_id, created, body, streams, prefixes),
+                                direct=_direct_completion_text(response_id, created, body, streams, prefixes))
 
     async def answer() -> Response:
         try:
@@ -234,10 +248,21 @@ async def _interleave(
             yield prompt_index, index, delta
 
 
+def _direct_completion_text(
+    response_id: str, created: int, body: CompletionRequest, streams: list[AsyncIterator[tuple[int, TokenDelta]]],
+    prefixes: list[str],
+) -> DirectText | None:
+    """One prompt's one choice without echo or logprobs: its plain text chunks, for the engine to write itself."""
+    if len(streams) != 1 or body.n != 1 or body.logprobs is not None or prefixes[0]:
+        return None
+    sample = render.completion_chunk(response_id, created, body.model, 0, MARK, include_usage=body.include_usage)
+    return DirectText(streams[0], sse.event(sample))
+
+
 async def _completion_events(
-    response_id: str, body: CompletionRequest, streams: list[AsyncIterator[tuple[int, TokenDelta]]], prefixes: list[str]
+    response_id: str, created: int, body: CompletionRequest, streams: list[AsyncIterator[tuple[int, TokenDelta]]],
+    prefixes: list[str],
 ) -> AsyncIterator[bytes]:
-    created = int(time.time())
     include_usage = body.include_usage
     groups = [[ChoiceResult(index=i) for i in range(body.n)] for _ in streams]
     echoed: set[int] = set()

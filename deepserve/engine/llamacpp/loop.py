@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from deepserve.engine.arrivals import Arrivals, reached_engine
-from deepserve.engine.collector import Postbox, RequestCollector
+from deepserve.engine.collector import DirectSink, Postbox, RequestCollector
 from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner
 from deepserve.engine.llamacpp.scheduler import Admission, ScheduledChunk, Scheduler, Sequence, StepPlan
 from deepserve.engine.prompt_cache import MIB, HostPromptCache
@@ -64,6 +64,7 @@ class EngineCounters:
     num_generated_tokens: int = 0
     num_decode_errors: int = 0
     num_burst_waits: int = 0  # waits of a first step after idle for more of a burst (_gather_burst)
+    num_direct_tokens: int = 0  # tokens the engine thread wrote to their client itself (api/direct.py)
 
 
 class _RequestStream:
@@ -99,6 +100,11 @@ class _RequestStream:
             self._closed = True
             if not self._finished:
                 self._engine.abort(self._request_id)
+
+    def attach_direct(self, sink: DirectSink) -> bool:
+        """Let the engine thread deliver this request's plain text deltas to `sink` (api/direct.py)."""
+        self._collector.direct = sink
+        return True
 
 
 class LlamaCppEngine:
@@ -258,6 +264,7 @@ class LlamaCppEngine:
             "num_steps": c.num_steps,
             "max_seqs_in_step": c.max_seqs_in_step,
             "num_burst_waits": c.num_burst_waits,
+            "num_direct_tokens": c.num_direct_tokens,
             "num_requests_finished": c.num_requests_finished,
             "num_prompt_tokens": c.num_prompt_tokens,
             "num_cached_prompt_tokens": c.num_cached_prompt_tokens,
@@ -581,7 +588,10 @@ class LlamaCppEngine:
         if status is None and len(seq.output_tokens) >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
-            self._postbox.put(state.collector, delta)
+            if state.collector.direct is not None and state.collector.try_direct(delta):
+                self.counters.num_direct_tokens += 1
+            else:
+                self._postbox.put(state.collector, delta)
             return False
         if delta.stop_reason is None and not (state.editor is not None and state.editor.stopped):
             # Not cut by a stop string or an editor stop: release what was held back.
