@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from deepserve.bundled import bundled_model_path
-from deepserve.engine.llamacpp.runner import BatchEntry, LlamaRunner, sampler_seed
+from deepserve.engine.llamacpp.runner import BatchEntry, DecodeError, LlamaRunner, sampler_seed
 from deepserve.engine.types import SamplingParams
 
 
@@ -55,6 +55,17 @@ def test_decodes_meaningful_text(runner):
     (out,) = greedy(runner, [prompt], 6)
     text = b"".join(runner.token_piece(t) for t in out).decode()
     assert "Paris" in text
+
+
+def test_a_batch_past_n_batch_is_refused_before_it_is_written_and_the_runner_goes_on(runner):
+    """The batch's arrays hold n_batch tokens: more is refused before any is written (writing first would run
+    past the arrays' end), and the next decode is unaffected."""
+    prompt = runner.tokenize("The capital of France is", add_special=False, parse_special=False)
+    (before,) = greedy(runner, [prompt], 4)
+    too_many = [prompt[0]] * 100
+    with pytest.raises(DecodeError, match="exceeds n_batch=128"):
+        runner.decode([BatchEntry(0, too_many, 0, False), BatchEntry(1, too_many, 0, True)])
+    assert greedy(runner, [prompt], 4) == [before]
 
 
 def test_batched_greedy_decode_matches_decoding_alone(runner):
