@@ -63,14 +63,13 @@ class RequestCollector:
         self.num_taken += 1
         return delta
 
-    def try_direct(self, delta: TokenDelta) -> bool:
-        """Engine thread: deliver a plain text delta through the sink. False: post it (Postbox.put)."""
+    def may_go_direct(self, delta: TokenDelta) -> bool:
+        """Engine thread: whether this delta may be delivered through the sink (`direct.send_text`) rather than
+        posted (Postbox.put): plain text, with the handler waiting and nothing of the request on its way."""
         direct = self.direct
-        if (direct is None or not direct.armed or self.num_posted != self.num_taken or delta.logprobs
-                or delta.prompt_logprobs or delta.reasoning_text or delta.tool_calls or delta.error is not None
-                or delta.finish_reason is not None):
-            return False
-        return direct.send_text(delta.text, len(delta.token_ids))
+        return not (direct is None or not direct.armed or self.num_posted != self.num_taken or delta.logprobs
+                    or delta.prompt_logprobs or delta.reasoning_text or delta.tool_calls or delta.error is not None
+                    or delta.finish_reason is not None)
 
     async def __aiter__(self) -> AsyncIterator[TokenDelta]:
         while True:

@@ -201,11 +201,11 @@ def test_the_engine_writes_directly_only_plain_text_with_nothing_of_its_request_
     collector = RequestCollector(None)  # type: ignore[arg-type]
     sink = collector.direct = FakeSink()
     plain = TokenDelta(text="x", token_ids=[1])
-    assert not collector.try_direct(plain)  # not armed: the handler is not waiting
+    assert not collector.may_go_direct(plain)  # not armed: the handler is not waiting
     sink.armed = True
-    assert collector.try_direct(plain) and sink.texts == ["x"]
+    assert collector.may_go_direct(plain)
     collector.num_posted = 1  # one posted that the handler has not taken: it would be overtaken
-    assert not collector.try_direct(plain)
+    assert not collector.may_go_direct(plain)
     collector.num_taken = 1
     for delta in (
         TokenDelta(text="x", logprobs=[object()]),  # type: ignore[list-item]
@@ -213,5 +213,5 @@ def test_the_engine_writes_directly_only_plain_text_with_nothing_of_its_request_
         TokenDelta(text="x", finish_reason=FinishReason.STOP),
         TokenDelta(error="boom"),
     ):
-        assert not collector.try_direct(delta)
-    assert collector.try_direct(TokenDelta(text="y", token_ids=[2])) and sink.texts == ["x", "y"]
+        assert not collector.may_go_direct(delta)
+    assert collector.may_go_direct(TokenDelta(text="y", token_ids=[2]))

@@ -154,6 +154,10 @@ class LlamaCppEngine:
         # A step's deltas, handed to the HTTP side once the step's Python work is done; the next decode waits
         # (at most deliver_wait_s) until they are written to the clients (collector.Postbox says why).
         self._postbox = Postbox(deliver_wait_s)
+        # A step's plain text deltas that the engine thread writes to their clients itself (api/direct.py), all
+        # at the end of the step (_hand_over): one burst of writes, which the client reads in one wake-up, rather
+        # than a write after each sequence's sampling.
+        self._direct: list[tuple[RequestCollector, TokenDelta]] = []
         self._num_queued = 0  # submitted and not yet admitted to a slot
         self._wake = threading.Event()
         self._stopping = False
@@ -295,7 +299,7 @@ class LlamaCppEngine:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, RequestStatus.FINISHED_ABORTED)
         self._postbox.wait_s = 0  # the loop may be the one waiting for this close
-        self._postbox.flush()
+        self._hand_over()
         self.runner.close()
 
     # ---- the engine thread -------------------------------------------------------------------
@@ -307,7 +311,7 @@ class LlamaCppEngine:
         while True:
             self._wake.clear()  # before draining: a submit after the drain sets it again
             self._drain_inbox()
-            self._postbox.flush()  # aborted requests' final deltas
+            self._hand_over()  # aborted requests' final deltas
             if self._stopping:
                 return
             if not self.scheduler.has_work():
@@ -324,7 +328,7 @@ class LlamaCppEngine:
                 for seq in list(self.scheduler.running):
                     self._finish(seq, RequestStatus.FINISHED_ERROR, error="internal engine error", keep_cache=False)
             finally:
-                self._postbox.flush()
+                self._hand_over()
 
     def _gather_burst(self) -> None:
         """The engine was idle and work arrived: wait while more requests keep arriving (each within gather_s of
@@ -588,10 +592,10 @@ class LlamaCppEngine:
         if status is None and len(seq.output_tokens) >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
-            if state.collector.direct is not None and state.collector.try_direct(delta):
-                self.counters.num_direct_tokens += 1
+            if state.collector.direct is not None and state.collector.may_go_direct(delta):
+                self._direct.append((state.collector, delta))
             else:
-                self._postbox.put(state.collector, delta)
+                self._post(state.collector, delta)
             return False
         if delta.stop_reason is None and not (state.editor is not None and state.editor.stopped):
             # Not cut by a stop string or an editor stop: release what was held back.
@@ -669,7 +673,27 @@ class LlamaCppEngine:
         delta.num_generated_tokens = len(seq.output_tokens)
         delta.num_reasoning_tokens = state.num_reasoning_tokens
         self.counters.num_requests_finished += 1
-        self._postbox.put(state.collector, delta)
+        self._post(state.collector, delta)
+
+    def _post(self, collector: RequestCollector, delta: TokenDelta) -> None:
+        """A delta for the event loop: after any direct write of this step (one may be of the same request)."""
+        if self._direct:
+            self._write_direct()
+        self._postbox.put(collector, delta)
+
+    def _write_direct(self) -> None:
+        pending, self._direct = self._direct, []
+        for collector, delta in pending:
+            if collector.direct.send_text(delta.text, len(delta.token_ids)):
+                self.counters.num_direct_tokens += 1
+            else:  # closed (the client left) or broken (it does not keep up): the loop's way
+                self._postbox.put(collector, delta)
+
+    def _hand_over(self) -> None:
+        """The step's deltas to their clients: the direct writes, then the event loop's share."""
+        if self._direct:
+            self._write_direct()
+        self._postbox.flush()
 
     def _fail_plan(self, plan: StepPlan, message: str) -> None:
         """A failed llama_decode: fail the sequences in it, drop their KV, keep the engine alive."""
