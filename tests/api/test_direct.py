@@ -230,3 +230,27 @@ def test_a_stream_recorded_for_an_idempotent_retry_is_not_written_directly(http,
     replay = http.post("/v1/chat/completions", json=body, headers=headers)
     assert first.status_code == replay.status_code == 200
     assert replay.content == first.content and first.content.endswith(b"data: [DONE]\n\n")
+
+
+def test_an_http_1_0_client_gets_the_direct_chunks_unframed_until_the_connection_closes(http, server):
+    """HTTP/1.0 has no chunked encoding: h11 sends the body as it is and ends it by closing the connection, and
+    the direct writes must do the same."""
+    body = json.dumps({"model": server.model, "messages": MESSAGES, "stream": True, "temperature": 0,
+                       "max_tokens": 24}).encode()
+    whole = http.post("/v1/chat/completions", json={**json.loads(body), "stream": False}).json()
+    before = direct_tokens(http)
+    host, port = server.root_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + server.api_key.encode() + b"\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        response = bytearray()
+        while chunk := sock.recv(1 << 16):  # until the server closes: the end of an HTTP/1.0 body
+            response += chunk
+    head, _, events = bytes(response).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert direct_tokens(http) > before
+    data = [line.removeprefix(b"data: ") for line in events.split(b"\n\n") if line]
+    assert data[-1] == b"[DONE]"
+    content = "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for d in data[:-1])
+    assert content == whole["choices"][0]["message"]["content"]
