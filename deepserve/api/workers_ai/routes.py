@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from deepserve.api import sse
 from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.direct import MARK, DirectText
 from deepserve.api.openai.routes import chat_completion_response
 from deepserve.api.openai.schemas import ChatCompletionRequest
 from deepserve.api.workers_ai import render
@@ -63,7 +64,10 @@ async def run(
     prompt_tokens = await prepare_off_loop(num_chars, body.prompt_tokens, model)  # a long one off the event loop
     sampling = body.to_sampling(model, len(prompt_tokens))  # the model's defaults, reasoning, response_format
     if body.stream:
-        return sse.sse_response(_events(await metered_generate(request, model, prompt_tokens, sampling)))
+        stream = await metered_generate(request, model, prompt_tokens, sampling)
+        # Plain text deltas are `{"response": text}` events (render.stream_event), which the engine thread may write
+        # itself (api/direct.py).
+        return sse.sse_response(_events(stream), direct=DirectText(stream, sse.event({"response": MARK})))
     return JSONResponse(render.result_body(await complete(request, model, prompt_tokens, sampling)))
 
 

@@ -13,6 +13,7 @@ from cloudflare import Cloudflare
 
 from deepserve.api.workers_ai import render
 from deepserve.errors import EngineError
+from tests.conftest import engine_stats
 
 ACCOUNT = "acc-123"
 PROMPT = "Name three colours."
@@ -81,8 +82,9 @@ def test_sdk_catalog_style_model_name_with_slashes(cf, server):
     assert r["response"] and r["usage"]["completion_tokens"] <= 4
 
 
-def test_sdk_stream_sends_response_deltas_then_usage_then_done(cf, server):
+def test_sdk_stream_sends_response_deltas_then_usage_then_done(cf, server, http):
     full = cf.ai.run(server.model, account_id=ACCOUNT, prompt=PROMPT, max_tokens=10, temperature=0)
+    direct_before = engine_stats(http)["num_direct_tokens"]
     # The SDK exposes an SSE body through with_streaming_response (plain .run() tries to unwrap it as JSON).
     with cf.ai.with_streaming_response.run(
         server.model, account_id=ACCOUNT, prompt=PROMPT, max_tokens=10, temperature=0, stream=True
@@ -93,6 +95,7 @@ def test_sdk_stream_sends_response_deltas_then_usage_then_done(cf, server):
     assert deltas and all(set(e) == {"response"} and e["response"] for e in deltas)
     assert "".join(e["response"] for e in deltas) == full["response"]
     assert final == {"response": "", "usage": full["usage"]}
+    assert engine_stats(http)["num_direct_tokens"] > direct_before  # written by the engine thread (api/direct.py)
 
 
 def test_sdk_bad_key_is_authentication_error_10000(server):
