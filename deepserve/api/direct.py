@@ -14,7 +14,7 @@ Safety:
   never write into another connection that reuses the descriptor number;
 - a write the kernel takes only partly (a client that does not read) hands the rest to the loop's transport
   and turns the writer off: from then on every chunk goes through uvicorn, which handles back-pressure;
-- where the response cannot be written this way (no uvicorn h11 connection, HEAD, a body a middleware
+- where the response cannot be written this way (no uvicorn h11 connection, TLS, HEAD, a body a middleware
   records for replay: Idempotency-Key), there is no writer and nothing changes.
 """
 
@@ -155,8 +155,8 @@ def open_direct(scope: Scope, direct: DirectText) -> DirectWriter | None:
     if writer_kind not in ("ChunkedWriter", "Http10Writer"):
         return None
     sock = cycle.transport.get_extra_info("socket")
-    if sock is None:
-        return None
+    if sock is None or cycle.transport.get_extra_info("ssl_object") is not None:
+        return None  # TLS (uvicorn run with --ssl-*): the socket carries records only the transport can write
     fd = os.dup(sock.fileno())
     try:
         return DirectWriter(fd, cycle.transport, direct.sample, chunked=writer_kind == "ChunkedWriter")
