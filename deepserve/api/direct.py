@@ -7,7 +7,7 @@ The engine thread already holds the text when it samples; it renders the chunk f
 made (`DirectText`), frames it as h11 would, and writes it to a duplicate of the connection's socket in one
 non-blocking `write`. Everything that is not a plain text delta (the first and last chunks, logprobs, reasoning,
 tool calls, errors, usage) still goes through the loop, in order (the hand-over protocol is in
-engine/collector.py: RequestCollector.try_direct).
+engine/collector.py: RequestCollector.may_go_direct).
 
 Safety:
 - the socket is a `dup()`, closed under the writer's lock once the response is over, so the engine thread can

@@ -592,7 +592,7 @@ class LlamaCppEngine:
         if status is None and len(seq.output_tokens) >= params.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is None:
-            if state.collector.direct is not None and state.collector.may_go_direct(delta):
+            if state.collector.may_go_direct(delta):
                 self._direct.append((state.collector, delta))
             else:
                 self._post(state.collector, delta)
