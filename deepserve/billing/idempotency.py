@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -35,6 +36,7 @@ MAX_KEY_LENGTH = 255
 KEEP_FOR = dt.timedelta(hours=24)
 _NOT_REPLAYED = {b"content-length", b"date", b"server"}
 
+log = logging.getLogger(__name__)
 records = IdempotencyRecord.__table__
 
 
@@ -147,27 +149,30 @@ class IdempotencyMiddleware:
             return
         answer = Stored(0, [], b"")
         chunks: list[bytes] = []
-        complete = False
+        stored = False
 
         async def capturing_send(message: Message) -> None:
-            nonlocal complete
+            nonlocal stored
             if message["type"] == "http.response.start":
                 answer.status_code = message["status"]
                 answer.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])
                                   if k.lower() not in _NOT_REPLAYED]
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
-                complete = not message.get("more_body", False)
+                if not message.get("more_body", False) and 200 <= answer.status_code < 300:
+                    # Stored before the answer's last bytes leave: a client that has the whole answer and sends its
+                    # duplicate at once (another replica, a retry) gets the replay, never a 409 "still answered".
+                    answer.body = b"".join(chunks)
+                    try:
+                        await _shielded(db.run(finish, owner, key, answer))
+                        stored = True
+                    except Exception:  # the answer still goes out; the key is released below (a retry runs)
+                        log.exception("could not store the answer of an Idempotency-Key request")
             await send(message)
 
-        stored = False
         scope[BODY_RECORDED_KEY] = True  # every body byte must pass capturing_send: no direct writes (api/direct.py)
         try:
             await self.app(scope, replay_receive, capturing_send)
-            if complete and 200 <= answer.status_code < 300:
-                answer.body = b"".join(chunks)
-                await _shielded(db.run(finish, owner, key, answer))
-                stored = True
         finally:
             if not stored:
                 await _shielded(db.run(abandon, owner, key))
