@@ -120,11 +120,19 @@ def serve(
     from deepserve.app import create_app
 
     configure_logging(settings.log_format, logging.INFO)  # uvicorn's loggers too (log_config=None below)
-    config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=log_level, log_config=None,
+    _Server(uvicorn_config(create_app(settings), settings, log_level), settings).run()
+
+
+def uvicorn_config(app, settings: Settings, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for `serve`. Its HTTP parser and event loop are named, not "auto": with httptools or
+    uvloop installed (vLLM's environment has both, through uvicorn[standard]) "auto" would pick them, and the
+    engine's direct socket writes (api/direct.py) frame chunks as h11 does and were measured on asyncio's loop;
+    under httptools they would silently turn off and every token would take the event loop's slower path."""
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level, log_config=None,
+        http="h11", loop="asyncio",
         timeout_graceful_shutdown=5,  # only after a second signal, or for idle connections after the drain
     )
-    _Server(config, settings).run()
 
 
 def _check_models(settings: Settings) -> None:
