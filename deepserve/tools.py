@@ -223,8 +223,11 @@ def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[l
         if not functions:
             raise InvalidRequestError("tool_choice is 'required' but no tools were given.", param="tool_choice")
         return functions, "*"
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        return _allowed_tools(functions, tool_choice.get("allowed_tools"))
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type", "function") == "function" else None
+        function = tool_choice.get("function") if tool_choice.get("type", "function") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str):
             raise InvalidRequestError("tool_choice must name a function: {\"type\": \"function\", "
                                       "\"function\": {\"name\": ...}}.", param="tool_choice")
@@ -232,7 +235,31 @@ def check_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[l
             raise InvalidRequestError(f"tool_choice names the function '{name}', which is not among the tools.",
                                       param="tool_choice")
         return functions, name
-    raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required' or a named function.", param="tool_choice")
+    raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required', a named function or allowed_tools.",
+                              param="tool_choice")
+
+
+def _allowed_tools(functions: list[dict[str, Any]], allowed: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """OpenAI's `tool_choice: {"type": "allowed_tools", "allowed_tools": {"mode": "auto" | "required", "tools":
+    [{"type": "function", "function": {"name": ...}}, ...]}}`: only those tools may be called. Only they are shown
+    to the model, so that it cannot call the others (OpenAI keeps the whole list in the prompt for its prompt
+    cache; here the prompt cache matches on the tokens, so a list that changes between turns costs a recompute)."""
+    shape = ('tool_choice.allowed_tools must be {"mode": "auto" | "required", "tools": [{"type": "function", '
+             '"function": {"name": ...}}, ...]}.')
+    if not isinstance(allowed, dict) or allowed.get("mode", "auto") not in ("auto", "required") \
+            or not isinstance(allowed.get("tools"), list) or not allowed["tools"]:
+        raise InvalidRequestError(shape, param="tool_choice")
+    names = []
+    for tool in allowed["tools"]:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(shape, param="tool_choice")
+        names.append(function["name"])
+    unknown = sorted(set(names) - {f["name"] for f in functions})
+    if unknown:
+        raise InvalidRequestError(f"tool_choice.allowed_tools names {', '.join(map(repr, unknown))}, which "
+                                  f"{'is' if len(unknown) == 1 else 'are'} not among the tools.", param="tool_choice")
+    return [f for f in functions if f["name"] in names], "*" if allowed.get("mode") == "required" else None
 
 
 MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP, HERMES_BEGIN, HERMES_END)

@@ -94,6 +94,20 @@ def test_text_that_is_not_a_call_stays_content():
     assert parse(DEEPSEEK, ["plain answer"]) == ("plain answer", [])
 
 
+ALLOW_TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def test_allowed_tools_narrow_the_tools_and_keep_the_mode():
+    """OpenAI's tool_choice {"type": "allowed_tools"} (typed in the openai SDK): only the named tools may be called,
+    with mode auto (may answer in text) or required (must call one of them)."""
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [ALLOW_TIME]}}
+    functions, forced = check_tools([WEATHER, TIME], choice)
+    assert [f["name"] for f in functions] == ["get_time"] and forced == "*"
+    choice["allowed_tools"]["mode"] = "auto"
+    functions, forced = check_tools([WEATHER, TIME], choice)
+    assert [f["name"] for f in functions] == ["get_time"] and forced is None
+
+
 def test_check_tools():
     functions, forced = check_tools([WEATHER, TIME], None)
     assert [f["name"] for f in functions] == ["get_weather", "get_time"] and forced is None
@@ -107,6 +121,13 @@ def test_check_tools():
         ([{"type": "code_interpreter"}], None, "only tools of type 'function'"),
         ([{"type": "function", "function": {}}], None, "function.name is required"),
         ([WEATHER], "sometimes", "tool_choice must be"),
+        ([WEATHER], {"type": "function", "function": "get_weather"}, "tool_choice must name a function"),
+        ([WEATHER], {"type": "function", "function": ["get_weather"]}, "tool_choice must name a function"),
+        ([WEATHER], {"type": "allowed_tools", "allowed_tools": {"mode": "sometimes", "tools": [ALLOW_TIME]}},
+         "allowed_tools must be"),
+        ([WEATHER], {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}, "allowed_tools must be"),
+        ([WEATHER], {"type": "allowed_tools", "allowed_tools": {"tools": ["get_weather"]}}, "allowed_tools must be"),
+        ([WEATHER], {"type": "allowed_tools", "allowed_tools": {"tools": [ALLOW_TIME]}}, "'get_time', which is not"),
     ]:
         with pytest.raises(InvalidRequestError, match=message):
             check_tools(tools, choice)

@@ -21,7 +21,7 @@ from deepserve.billing.accounts import price_overrides, resolve_price
 from deepserve.billing.money import TokenPrices
 from deepserve.chat_options import apply_model_defaults, prepare_chat
 from deepserve.engine.types import TextPrompt, TokenDelta
-from deepserve.errors import EngineError, InvalidRequestError
+from deepserve.errors import ContextLengthError, EngineError, InvalidRequestError
 from deepserve.fim import fim_prompt_tokens, wants_fim
 from deepserve.serving import (
     ChoiceResult, ServedModel, collect_stream, fan_in, messages_chars, metered_generate, metered_generate_many,
@@ -117,6 +117,11 @@ async def chat_completion_response(
     # tools, reasoning, response_format; a long chat off the event loop (serving.OFFLOAD_CHARS says why)
     chat = await prepare_off_loop(messages_chars(messages), prepare_chat, model, messages, body.chat_options())
     prompt_tokens = chat.prompt_tokens
+    if isinstance(prompt_tokens, list) and len(prompt_tokens) >= model.ctx_size:  # OpenAI's words for a chat
+        raise ContextLengthError(
+            f"This model's maximum context length is {model.ctx_size} tokens. However, your messages resulted in "
+            f"{len(prompt_tokens)} tokens, which leaves no room for the completion. Please reduce the length of the "
+            f"messages.", param="messages")
     sampling = chat.configure(model, body.to_sampling(model.resolve_max_tokens(body.requested_max_tokens,
                                                                                len(prompt_tokens))),
                               omitted=body.omitted_sampling())

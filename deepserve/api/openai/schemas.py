@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator,
+                      model_validator)
 
 from deepserve.chat_options import ChatOptions
 from deepserve.engine.types import Generation, SamplingParams
@@ -18,6 +21,39 @@ MAX_N = 16
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON's Infinity / NaN literals: 400
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_omitted(cls, data: Any) -> Any:
+        """An explicit null on a field with a default (n, stream, the penalties, logprobs, echo...) means that
+        default, as OpenAI and llama-server read it: the openai SDK sends null for an argument passed as None,
+        and so do clients that serialise unset fields. (A required field's null is still refused.)"""
+        if isinstance(data, dict) and None in data.values():
+            defaulted = _defaulted_keys(cls)
+            data = {key: value for key, value in data.items() if value is not None or key not in defaulted}
+        return data
+
+
+_DEFAULTED_KEYS: dict[type, frozenset[str]] = {}
+
+
+def _defaulted_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The keys (names and aliases) of `model`'s fields that have a default and whose type does not take None."""
+    keys = _DEFAULTED_KEYS.get(model)
+    if keys is None:
+        found: set[str] = set()
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nullable = annotation is Any or annotation is None or (
+                typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                and type(None) in typing.get_args(annotation))
+            if field.is_required() or nullable:
+                continue
+            found.add(name)
+            alias = field.validation_alias
+            found.update(alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else [])
+        keys = _DEFAULTED_KEYS[model] = frozenset(k for k in found if isinstance(k, str))
+    return keys
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -29,6 +65,24 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # tool_calls, reasoning_content, name... pass to the template
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+    @model_validator(mode="after")
+    def _check_tool_calls(self) -> ChatMessage:
+        """An assistant turn's earlier calls, replayed in the history, in OpenAI's shape: a client that garbles
+        them gets a 400 naming the shape (they are written into the prompt, and templates index into them)."""
+        calls = (self.model_extra or {}).get("tool_calls")
+        if calls is None:
+            return self
+        shape = '{"type": "function", "function": {"name": ..., "arguments": "<JSON>"}}'
+        if not isinstance(calls, list):
+            raise ValueError(f"tool_calls must be a list of {shape} objects")
+        for i, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f"tool_calls[{i}] must be an object {shape}")
+            if not isinstance(function.get("arguments", "{}"), (str, dict)):
+                raise ValueError(f"tool_calls[{i}].function.arguments must be a string of JSON")
+        return self
 
     def for_template(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)

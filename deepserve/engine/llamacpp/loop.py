@@ -200,6 +200,11 @@ class LlamaCppEngine:
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
+        if num_prompt_tokens >= self.ctx_size:  # the prompt alone: max_tokens (perhaps not even sent) is not to blame
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.ctx_size} tokens. However, your prompt is "
+                f"{num_prompt_tokens} tokens, which leaves no room for the completion. Please reduce the length of "
+                f"the prompt.", param="prompt")
         if num_prompt_tokens + max_tokens > self.ctx_size:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.ctx_size} tokens. However, you requested "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -40,8 +41,19 @@ def test_prompt_longer_than_the_context_is_400_stating_both_numbers(client, serv
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "word " * 2000}])
     message = info.value.body["message"]
     assert info.value.body["code"] == "context_length_exceeded"
-    assert "1024" in message and "in the prompt" in message
+    # OpenAI's words: the messages are to blame (max_tokens was not even sent), with both numbers
+    assert info.value.body["param"] == "messages" and "max_tokens" not in message
+    assert "maximum context length is 1024 tokens" in message
+    assert int(re.search(r"your messages resulted in (\d+) tokens", message).group(1)) > 2000
     assert engine_stats(http)["num_requests_finished"] == before  # nothing ran
+
+
+def test_a_completion_prompt_longer_than_the_context_blames_the_prompt(client, server, http):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model, prompt="word " * 2000, max_tokens=5)
+    assert info.value.body["code"] == "context_length_exceeded" and info.value.body["param"] == "prompt"
+    assert "maximum context length is 1024 tokens" in info.value.body["message"]
+    assert int(re.search(r"your prompt is (\d+) tokens", info.value.body["message"]).group(1)) >= 2000
 
 
 def test_max_tokens_beyond_the_context_is_400(client, server):
@@ -191,3 +203,41 @@ def test_more_choices_than_the_queue_holds_is_a_400_not_a_retry_forever():
 def test_nan_and_malformed_schemas_are_400s(http, server, raw):
     r = http.post("/v1/chat/completions", content=raw.replace('"M"', f'"{server.model}"').encode())
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_null_on_a_field_with_a_default_means_the_default(http, server):
+    """The openai SDK sends null for an argument passed as None (n=kwargs.get("n")), as do clients that serialise
+    unset fields; OpenAI and llama-server read it as the default."""
+    nulls = {"n": None, "stream": None, "presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None,
+             "ignore_eos": None}
+    chat = http.post("/v1/chat/completions", json={"model": server.model, "messages": MESSAGES, "max_tokens": 3,
+                                                   "logprobs": None, "temperature": 0, **nulls})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 1 and chat.json()["choices"][0]["logprobs"] is None
+    text = http.post("/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 3, "echo": None,
+                                              "temperature": 0, **nulls})
+    assert text.status_code == 200, text.text
+    assert len(text.json()["choices"]) == 1 and not text.json()["choices"][0]["text"].startswith("Hi")
+    missing = http.post("/v1/chat/completions", json={"model": None, "messages": MESSAGES})  # required: still a 400
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("tool_calls", [["x"], "x", {"a": 1}, [None], [{"function": "get_weather"}],
+                                        [{"function": {"name": "get_weather", "arguments": 5}}]])
+def test_a_garbled_tool_call_in_the_history_is_400_not_a_server_error(http, server, tool_calls):
+    before = engine_stats(http)["num_requests_finished"]
+    r = http.post("/v1/chat/completions", json={"model": server.model, "max_tokens": 3, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": tool_calls},
+        {"role": "user", "content": "Hi again"}]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages"
+    assert "messages.1" in error["message"] and "tool_calls" in error["message"]
+    assert engine_stats(http)["num_requests_finished"] == before
+
+
+def test_a_tool_choice_naming_its_function_by_a_string_is_400(http, server):
+    r = http.post("/v1/chat/completions", json={
+        "model": server.model, "max_tokens": 3, "messages": MESSAGES,
+        "tools": [{"type": "function", "function": {"name": "w"}}], "tool_choice": {"type": "function", "function": "w"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"

@@ -61,6 +61,19 @@ def test_required_calls_one_of_the_tools_and_streams_as_tool_call_deltas(client,
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_allowed_tools_required_calls_only_an_allowed_one(client, server):
+    """tool_choice {"type": "allowed_tools"} as the openai SDK types it: with both tools offered and only get_time
+    allowed, mode required always calls get_time, though the question is about the weather."""
+    r = client.chat.completions.create(
+        model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=40, seed=2, n=2, parallel_tool_calls=False,
+        tool_choice={"type": "allowed_tools", "allowed_tools": {
+            "mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})
+    for choice in r.choices:
+        (call,) = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and call.function.name == "get_time"
+        assert json.loads(call.function.arguments) == {}
+
+
 def test_none_means_no_call_and_a_tool_result_goes_back_to_the_model(client, server):
     r = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, tool_choice="none",
                                        max_tokens=8, temperature=0)
