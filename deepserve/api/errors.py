@@ -130,6 +130,10 @@ class ErrorRouter:
 
         @app.exception_handler(StarletteHTTPException)
         async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+            if isinstance(exc.__cause__, PayloadTooLargeError):
+                # A chunked body past the limit is refused while FastAPI reads it (api/limits.py), and FastAPI
+                # answers whatever its body read raised with a 400 "error parsing the body": unwrap ours (413).
+                return self.render(request, await self._key_first(request, exc.__cause__))
             return self.render(request, http_error(exc))
 
         @app.exception_handler(Exception)

@@ -549,6 +549,8 @@ def test_every_segmind_answer_carries_x_remaining_credits(billed):
     # a body FastAPI refuses before the route runs: the key is still looked up, its balance still told
     assert answers["not json"].headers["x-remaining-credits"] == answers["invalid"].headers["x-remaining-credits"]
     assert parse_dollars(answers["not json"].headers["x-remaining-credits"]) > 0
+    # a wrong method: the key is read first, as for a POST, so the header is the balance and not a "0"
+    assert answers["wrong method"].headers["x-remaining-credits"] == answers["invalid"].headers["x-remaining-credits"]
 
 
 def test_an_expired_key_gets_401_in_every_dialect_and_is_never_echoed(billed):

@@ -103,8 +103,10 @@ async def run(
 
 
 @router.api_route(SLUG_ROUTE, methods=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], include_in_schema=False)
-async def wrong_method(_: ServedModel = Depends(slug_model)) -> Response:
-    """405 for a slug that exists (404 for one that does not), as Segmind answers."""
+async def wrong_method(_: ServedModel = Depends(slug_model), __: Principal = Depends(require_api_key)) -> Response:
+    """405 for a slug that exists (404 for one that does not, whatever the key: an OpenAI client's mistyped GET
+    path gets its 404), as Segmind answers; after the key, so that its `x-remaining-credits` is the caller's
+    balance and not a "0" that reads as out of credits."""
     raise StarletteHTTPException(405, headers={"Allow": "POST"})
 
 

@@ -118,6 +118,24 @@ def test_oversized_body_is_413(http, server):
     assert "limit" in r.json()["error"]["message"]
 
 
+def test_oversized_chunked_body_is_413_after_the_key_is_checked(http, server):
+    """No Content-Length (a streamed upload): the limit is found while the body is read, and the answer is still
+    413, or 401 for a bad key, not a 400 "error parsing the body"."""
+    def chunks():
+        yield b'{"model": "' + server.model.encode() + b'", "messages": [{"role": "user", "content": "'
+        for _ in range(5):
+            yield b"x" * (1024 * 1024)
+        yield b'"}]}'
+
+    r = http.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large" and "limit" in r.json()["error"]["message"]
+    bad = http.post("/v1/chat/completions", content=chunks(),
+                    headers={"Content-Type": "application/json", "Authorization": "Bearer wrong"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
+
+
 def test_unknown_route_is_404_in_openai_envelope(http):
     r = http.get("/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()

@@ -95,14 +95,15 @@ def test_key_is_checked_before_the_slug_and_the_slug_before_the_body(server, seg
 def test_unknown_slug_is_404_whatever_the_method(segmind):
     r = segmind.post("/v1/no-such-model", json={"messages": SEED_MESSAGES})
     assert "no-such-model" in assert_segmind_error(r, 404)
-    assert_segmind_error(segmind.get("/v1/no-such-model"), 404, caller_known=False)  # no route takes a GET
+    assert_segmind_error(segmind.get("/v1/no-such-model"), 404, caller_known=False)  # before the key: no route
 
 
-def test_wrong_method_is_405(segmind):
+def test_wrong_method_is_405_after_the_key(segmind):
     for method in ("GET", "PUT", "DELETE"):
         r = segmind.request(method, "/v1/deepseek-reasoner")
-        assert_segmind_error(r, 405, caller_known=False)
+        assert_segmind_error(r, 405)  # the key was read: the operator's has no account, so no header
         assert r.headers["Allow"] == "POST"
+    assert_segmind_error(segmind.get("/v1/deepseek-reasoner", headers={"x-api-key": "ds-bad"}), 401)
 
 
 @pytest.mark.parametrize(

@@ -226,6 +226,18 @@ def test_request_too_large_is_3006(http, server):
     assert_cf_error(r, 413, render.REQUEST_TOO_LARGE)
 
 
+def test_request_too_large_without_content_length_is_3006_too(http, server):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(5):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    r = http.post(run_path(server.model), content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_cf_error(r, 413, render.REQUEST_TOO_LARGE)
+
+
 def test_full_queue_is_3040_out_of_capacity(full_queue_server):
     url = full_queue_server.root_url + run_path(full_queue_server.model)
     r = httpx.post(url, json={"prompt": PROMPT, "max_tokens": 1},
