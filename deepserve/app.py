@@ -25,6 +25,7 @@ from deepserve.api.errors import ErrorRouter, openai_error_response
 from deepserve.api.limits import BodySizeLimit
 from deepserve.api.dataoorts import routes as dataoorts_routes
 from deepserve.api.llamacpp import routes as llamacpp_routes
+from deepserve.api.llamacpp.alias import NativeCompletionsAlias
 from deepserve.api.openai import routes as openai_routes
 from deepserve.api.segmind import routes as segmind_routes
 from deepserve.api.workers_ai import routes as workers_ai_routes
@@ -192,7 +193,8 @@ def create_app(settings: Settings | None = None, models: ModelRegistry | None = 
     def render_error(scope, error):  # any error raised before routing, in the caller's dialect
         return errors.render(Request(scope), error)
 
-    app.add_middleware(JsonBodies)  # innermost: a body sent as a form or unlabelled is still read as JSON
+    app.add_middleware(NativeCompletionsAlias)  # innermost: POST /completions without a model is llama-server's
+    app.add_middleware(JsonBodies)  # a body sent as a form or unlabelled is still read as JSON
     app.add_middleware(BillingHeaders)  # x-remaining-credits, x-ratelimit-*: inside, so replays repeat them
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes, on_too_large=render_error)

@@ -233,6 +233,13 @@ class ModelRegistry:
             raise InvalidRequestError(f"Name the model: this server serves {len(self._models)}.", param="model")
         return next(iter(self._models.values()))
 
+    def named_or_served(self, model_id: str | None) -> ServedModel:
+        """As named_or_only, but a name this server does not know is ignored while it serves one model: llama-server
+        ignores the field, and editor plugins send whatever model name their user configured."""
+        if model_id is not None and model_id not in self._names and len(self._models) == 1:
+            return next(iter(self._models.values()))
+        return self.named_or_only(model_id)
+
     def _has_weights(self, model_id: str) -> bool:
         local = self.local.get(model_id) if self.local is not None else None
         return local is not None and local.is_present

@@ -80,9 +80,16 @@ async def tokenize(body: TokenizeRequest, request: Request, _: Principal = Depen
     if body.with_pieces or body.return_token_strs:
         pieces = [model.engine.detokenize([t]) for t in tokens]
         answer["token_strs"] = pieces
-        if body.with_pieces:
-            answer["tokens"] = [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]
+        if body.with_pieces:  # llama-server's: a piece that is not UTF-8 on its own (part of a character) as bytes
+            answer["tokens"] = [{"id": t, "piece": _piece(model.engine.token_bytes(t))} for t in tokens]
     return answer
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 @router.post("/detokenize")

@@ -101,6 +101,10 @@ class SamplingParams:
     # llama-server's editor stops (deepserve.engine.stop.EditorStops): 0 is off
     n_indent: int = 0
     t_max_predict_ms: int = 0
+    # llama.cpp's infill sampler (llama-server's samplers "infill", which llama.vim and llama.vscode send): for FIM,
+    # it adds up the probabilities of tokens that are prefixes of one another and ends the answer (end of
+    # generation) where the model is unsure, rather than let a low-probability tail run on.
+    infill: bool = False
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False

@@ -34,6 +34,16 @@ def test_llama_server_style_needs_no_model_and_gives_pieces(http):
     assert http.post("/detokenize", json={"tokens": plain["tokens"]}).json()["content"] == "Hello world"
 
 
+def test_a_piece_that_is_part_of_a_character_comes_as_its_bytes(http):
+    """llama-server's with_pieces: a token holding only part of a multi-byte character is a list of byte values
+    (a string would have to replace it with U+FFFD), so the text can be rebuilt from the pieces."""
+    text = "日本 🐱 ok"
+    tokens = http.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+    assert any(isinstance(t["piece"], list) for t in tokens)  # this vocabulary splits these characters
+    rebuilt = b"".join(bytes(t["piece"]) if isinstance(t["piece"], list) else t["piece"].encode() for t in tokens)
+    assert rebuilt.decode("utf-8") == text
+
+
 def test_bad_input_and_bad_keys_are_refused(http, server):
     assert http.post("/detokenize", json={"tokens": [10**7]}).json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"model": "no-such-model", "prompt": "x"}).status_code == 404

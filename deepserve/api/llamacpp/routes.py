@@ -27,7 +27,7 @@ router = APIRouter(tags=["llama.cpp"])
 
 @router.post("/completion", summary="llama-server's completion (raw prompt, its fields and answer)")
 async def completion(body: NativeCompletionRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
-    model = request.app.state.models.named_or_only(body.model)
+    model = request.app.state.models.named_or_served(body.model)
     prompts = body.prompts()
     num_chars = sum(len(p) for p in prompts if isinstance(p, str))  # a long one off the event loop
     return await _answer(request, model, body, await prepare_off_loop(
@@ -49,7 +49,7 @@ def _prompt(model: ServedModel, prompt: str | list[int]) -> list[int] | TextProm
 
 @router.post("/infill", summary="llama-server's code infill (the code around the cursor, other files' snippets)")
 async def infill(body: InfillRequest, request: Request, _: Principal = Depends(require_bearer)) -> Response:
-    model = request.app.state.models.named_or_only(body.model)
+    model = request.app.state.models.named_or_served(body.model)
     if model.takes_text_prompts:
         raise InvalidRequestError(f"The model `{model.model_id}` is served by an upstream engine, which builds "
                                   "its own infill prompt: send /infill there.", param="model")
@@ -64,11 +64,10 @@ async def _answer(request: Request, model: ServedModel, body: NativeCompletionRe
                   prompts: list[list[int] | TextPrompt]) -> Response:
     longest = max(len(p) for p in prompts)
     requested = body.requested_max_tokens
-    clamped = False
     local = not any(isinstance(p, TextPrompt) for p in prompts)
     if requested is not None and local and 0 < model.ctx_size - longest < requested:
         # llama-server generates until the window is full rather than refusing (and says `truncated`).
-        requested, clamped = model.ctx_size - longest, True
+        requested = model.ctx_size - longest
     max_tokens = model.resolve_max_tokens(requested, longest)
     tokenize = lambda text: model.engine.tokenize(text, add_special=False, parse_special=False)  # noqa: E731
     omitted = {"max_tokens"} if requested is None else set()
@@ -79,10 +78,10 @@ async def _answer(request: Request, model: ServedModel, body: NativeCompletionRe
     if body.grammar and check_grammar is not None:
         await asyncio.to_thread(check_grammar, body.grammar)
     streams = await metered_generate_many(request, model, prompts, sampling)
-    settings = _settings(body, sampling.max_tokens)  # what billing left of a default n_predict
+    settings = generation_settings(body, sampling.max_tokens)  # what billing left of a default n_predict
     answers = [_Answer(i, body, model.model_id, _prompt_text(model, p, body), settings,
                        0 if isinstance(p, TextPrompt) else len(p),  # an upstream tells its count as it goes
-                       sampling.max_tokens if clamped else None) for i, p in enumerate(prompts)]
+                       model.ctx_size) for i, p in enumerate(prompts)]
     if body.stream:
         return sse.sse_response(_events(answers, streams))
     try:
@@ -121,9 +120,9 @@ class _Answer:
     """One prompt's answer as it comes: the choice so far and its timings."""
 
     def __init__(self, index: int, body: NativeCompletionRequest, model_id: str, prompt_text: str,
-                 settings: dict[str, Any], num_prompt_tokens: int, window_limit: int | None):
+                 settings: dict[str, Any], num_prompt_tokens: int, ctx_size: int):
         self.index, self.body, self.model_id, self.prompt_text = index, body, model_id, prompt_text
-        self.settings, self.num_prompt, self.window_limit = settings, num_prompt_tokens, window_limit
+        self.settings, self.num_prompt, self.ctx_size = settings, num_prompt_tokens, ctx_size
         self.timings = render.Timings()
         self.choice = ChoiceResult(index=0)
 
@@ -145,8 +144,9 @@ class _Answer:
 
     def result(self, *, streamed: bool) -> dict[str, Any]:
         choice = self.choice
-        truncated = (self.window_limit is not None and choice.finish_reason == FinishReason.LENGTH
-                     and choice.num_generated_tokens >= self.window_limit)
+        # llama-server's `truncated`: the answer ended because the window was full (n_predict -1 or past the room)
+        truncated = (choice.finish_reason == FinishReason.LENGTH
+                     and self.num_prompt + choice.num_generated_tokens >= self.ctx_size)
         result = render.final_result(choice, model=self.model_id, prompt=self.prompt_text, timings=self.timings,
                                      settings=self.settings, streamed=streamed,
                                      return_tokens=self.body.return_tokens, want_probs=self.body.n_probs > 0,
@@ -162,7 +162,7 @@ def _prompt_text(model: ServedModel, prompt: list[int] | TextPrompt, body: Nativ
     return detokenize(prompt) if detokenize else body.prompt if isinstance(body.prompt, str) else ""
 
 
-def _settings(body: NativeCompletionRequest, max_tokens: int) -> dict[str, Any]:
+def generation_settings(body: NativeCompletionRequest, max_tokens: int) -> dict[str, Any]:
     return {"n_predict": max_tokens, "seed": body.seed, "temperature": body.temperature, "top_k": body.top_k,
             "top_p": body.top_p, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
             "repeat_last_n": body.repeat_last_n,
@@ -172,5 +172,9 @@ def _settings(body: NativeCompletionRequest, max_tokens: int) -> dict[str, Any]:
 
 
 def install(app: FastAPI) -> None:
+    from deepserve.api.llamacpp import props
+
     app.include_router(router)
-    app.state.errors.register(lambda path: path in PATHS, render.error_response, require_bearer)
+    app.include_router(props.router)
+    paths = (*PATHS, *props.PATHS)
+    app.state.errors.register(lambda path: path in paths, render.error_response, require_bearer)

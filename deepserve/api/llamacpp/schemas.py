@@ -95,6 +95,7 @@ class NativeCompletionRequest(BaseModel):
             logprobs=self.n_probs > 0, top_logprobs=max(0, self.n_probs),
             logit_bias=self._logit_bias(tokenize), grammar=grammar,
             n_indent=self.n_indent, t_max_predict_ms=self.t_max_predict_ms, penalty_last_n=self.repeat_last_n,
+            infill=samplers is not None and "infill" in samplers,  # not among llama-server's default samplers
         )
 
     def _logit_bias(self, tokenize) -> dict[int, float]:

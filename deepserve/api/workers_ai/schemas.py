@@ -74,7 +74,12 @@ class SamplingInput(BaseModel):
                               max_reasoning_tokens=self.max_reasoning_tokens, response_format=self.response_format)
         omitted = {name for name in ("temperature", "top_p", "max_tokens") if name not in self.model_fields_set}
         sampling.max_tokens_fits_balance = "max_tokens" in omitted  # the dialect's default, not the client's
-        return configure_sampling(model, sampling, options, omitted=omitted, num_prompt_tokens=num_prompt_tokens)
+        sampling = configure_sampling(model, sampling, options, omitted=omitted, num_prompt_tokens=num_prompt_tokens)
+        if "max_tokens" in omitted and num_prompt_tokens and not model.takes_text_prompts:
+            # The dialect's default is not the client's: it shrinks to what the window has room for rather than
+            # refuse a prompt that fits (an upstream's count is only a bound: it caps the default itself).
+            sampling.max_tokens = max(1, min(sampling.max_tokens, model.ctx_size - num_prompt_tokens))
+        return sampling
 
     def _sampling(self) -> SamplingParams:
         # The engine reads top_p as a probability mass, so the providers' 1–2 means "no cut-off".

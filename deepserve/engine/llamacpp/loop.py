@@ -185,6 +185,11 @@ class LlamaCppEngine:
         pieces = b"".join(self.runner.token_piece(t, special=True) for t in tokens if 0 <= t < self.runner.num_vocab)
         return pieces.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, special tokens as their text (a piece of a multi-byte character is
+        not valid UTF-8 on its own)."""
+        return self.runner.token_piece(token, special=True) if 0 <= token < self.runner.num_vocab else b""
+
     def fim_token_ids(self) -> tuple[int, int, int] | None:
         return self.runner.fim_token_ids()
 

@@ -423,6 +423,8 @@ class LlamaRunner:
                 )
             )
         if params.temperature <= 0.0:
+            if params.infill:
+                add(llama.llama_sampler_init_infill(self._vocab))
             add(llama.llama_sampler_init_greedy())
         else:
             if params.top_k > 0:
@@ -431,6 +433,8 @@ class LlamaRunner:
                 add(llama.llama_sampler_init_top_p(params.top_p, 1))
             if params.min_p > 0.0:
                 add(llama.llama_sampler_init_min_p(params.min_p, 1))
+            if params.infill:  # where llama.vim's ["top_k", "top_p", "infill"] puts it: after the cut-offs
+                add(llama.llama_sampler_init_infill(self._vocab))
             add(llama.llama_sampler_init_temp(params.temperature))
             add(llama.llama_sampler_init_dist(sampler_seed(seed)))
         if penalized and params.penalty_last_n is not None:

@@ -108,7 +108,6 @@ def test_json_schema_constrains_the_content(http):
     ({"prompt": PROMPT, "temperature": -1}, 400, "invalid_request_error"),
     ({"prompt": "word " * 2000}, 400, "exceed_context_size_error"),
     ({"prompt": ""}, 400, "invalid_request_error"),
-    ({"prompt": PROMPT, "model": "no-such-model"}, 404, "not_found_error"),
     ({"prompt": PROMPT, "json_schema": {"type": "object", "properties": [1]}}, 400, "invalid_request_error"),
     ({"prompt": PROMPT, "json_schema": {"type": "object", "properties": {"a": {}}, "required": 5}}, 400,
      "invalid_request_error"),
@@ -123,6 +122,12 @@ def test_bad_requests_get_llama_servers_error_shape(http, body, status, kind):
     assert r.status_code == status
     error = r.json()["error"]
     assert (error["code"], error["type"]) == (status, kind) and error["message"]
+
+
+def test_a_model_name_the_server_does_not_know_is_ignored_while_it_serves_one(http, server):
+    """llama-server ignores `model`; editor plugins send whatever name their user configured."""
+    body = {"prompt": PROMPT, "n_predict": 3, "temperature": 0}
+    assert native(http, {**body, "model": "qwen2.5-coder"})["content"] == native(http, body)["content"]
 
 
 def test_a_bad_key_and_a_model_without_fim_tokens(server, http):
@@ -152,14 +157,29 @@ def test_n_predict_past_the_window_generates_to_its_end(http, server):
     answer = native(http, {"prompt": prompt, "n_predict": 5000, "ignore_eos": True})
     assert answer["tokens_predicted"] == 1024 - size and answer["truncated"] is True and answer["stop_type"] == "limit"
     assert native(http, {"prompt": PROMPT, "n_predict": 3})["truncated"] is False
+    # n_predict -1 (llama-server's default): generate until the window is full, and say so
+    endless = native(http, {"prompt": prompt, "n_predict": -1, "ignore_eos": True})
+    assert endless["tokens_predicted"] == 1024 - size and endless["truncated"] is True
 
 
 def test_samplers_left_out_do_nothing(http):
     """llama.vim sends samplers ["top_k", "top_p", "infill"]: no temperature step (1.0), no min_p."""
     body = {"prompt": PROMPT, "n_predict": 12, "seed": 7, "temperature": 0.1, "min_p": 0.3, "ignore_eos": True}
-    listed = native(http, {**body, "samplers": ["top_k", "top_p", "infill"]})["content"]
+    listed = native(http, {**body, "samplers": ["top_k", "top_p"]})["content"]
     plain = native(http, {**body, "temperature": 1.0, "min_p": 0.0})["content"]
     assert listed == plain != native(http, body)["content"]
+
+
+def test_the_infill_sampler_runs_where_it_is_listed(http):
+    """llama.cpp's infill sampler (llama.vim's samplers end with it) merges the probabilities of tokens that are
+    prefixes of one another and may end the answer: with it, some seeds sample differently than without it."""
+    body = {"prompt": "def fib(n):\n", "n_predict": 16, "samplers": ["top_k", "top_p"]}
+    answers = {seed: native(http, {**body, "seed": seed}) for seed in range(1, 5)}
+    infilled = {seed: native(http, {**body, "seed": seed, "samplers": ["top_k", "top_p", "infill"]})
+                for seed in range(1, 5)}
+    assert any(infilled[s]["content"] != answers[s]["content"] for s in answers)
+    for seed, answer in answers.items():  # without it, the same seed gives the same answer again
+        assert native(http, {**body, "seed": seed})["content"] == answer["content"]
 
 
 def test_n_indent_ends_the_answer_at_a_line_indented_less(http):
@@ -222,3 +242,19 @@ def test_penalties_look_at_the_prompt_as_llama_servers_do(http, server):
                                             "temperature": 0, "repetition_penalty": 2.0, "logprobs": 0}).json()
     assert native_penalised != plain and off == plain
     assert v1["choices"][0]["text"] == native(http, {"prompt": prompt, "n_predict": 1, "temperature": 0})["content"]
+
+
+def test_completions_without_a_model_is_llama_servers_alias_of_completion(http, server):
+    """llama-server answers POST /completions as /completion; DeepSeek's /completions (OpenAI's legacy shape) names
+    its model, and keeps its route."""
+    body = {"prompt": PROMPT, "n_predict": 3, "temperature": 0}
+    native_answer = native(http, body, path="/completions")
+    assert native_answer["tokens_predicted"] == 3 and native_answer["content"] == native(http, body)["content"]
+    openai = native(http, {"model": server.model, "prompt": PROMPT, "max_tokens": 3, "temperature": 0},
+                    path="/completions")
+    assert openai["object"] == "text_completion" and openai["choices"][0]["text"] == native_answer["content"]
+    streamed = http.post("/completions", json={**body, "stream": True})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert "".join(e["content"] for e in events) == native_answer["content"] and events[-1]["stop"] is True
+    bad = http.post("/completions", json={"prompt": PROMPT, "temperature": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == 400  # llama-server's envelope

@@ -289,3 +289,16 @@ def test_openapi_documents_both_routes(http):
     run = paths["/client/v4/accounts/{account_id}/ai/run/{model_name}"]["post"]
     assert "requestBody" in run
     assert "/client/v4/accounts/{account_id}/ai/v1/chat/completions" in paths
+
+
+def test_the_default_max_tokens_shrinks_to_the_room_the_window_has(cf, server, http):
+    """No max_tokens: the dialect's default (256) is not the client's, so a prompt that fits the window (1,024 here)
+    with less than 256 tokens to spare is answered, not refused for tokens it never asked for."""
+    messages = [{"role": "user", "content": "word " * 290}, {"role": "assistant", "content": "word " * 290},
+                {"role": "user", "content": "word " * 290}]
+    r = cf.ai.run(server.model, account_id=ACCOUNT, messages=messages, temperature=0)
+    usage = r["usage"]
+    assert 1024 - 256 < usage["prompt_tokens"] < 1024
+    assert 0 < usage["completion_tokens"] <= 1024 - usage["prompt_tokens"]
+    too_long = [{"role": "user", "content": "word " * 800}] * 2  # past the window: still refused, for the prompt
+    assert "your prompt is" in assert_cf_error(http.post(run_path(server.model), json={"messages": too_long}), 400, 5004)

@@ -1,0 +1,50 @@
+"""`POST /completions` is two APIs: DeepSeek's (OpenAI's legacy completions at its base URL without /v1, with a
+`model`) and llama-server's alias of its own `/completion` (no `model`: llama-server serves one). A body without
+`model` goes to the llama.cpp route; one with it stays OpenAI's, which requires it."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ALIAS, NATIVE = "/completions", "/completion"
+
+
+class NativeCompletionsAlias:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != ALIAS or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        # The whole body, read once (BodySizeLimit, outside, bounds it) and handed on as it came.
+        chunks, message = [], {"type": "http.request", "more_body": True}
+        while message["type"] == "http.request" and message.get("more_body", False):
+            message = await receive()
+            chunks.append(message.get("body", b""))
+        if message["type"] != "http.request":  # the client left: let the route see it
+            await self.app(scope, _replay([message], receive), send)
+            return
+        body = b"".join(chunks)
+        if _names_no_model(body):
+            scope = {**scope, "path": NATIVE, "raw_path": NATIVE.encode()}
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+def _names_no_model(body: bytes) -> bool:
+    try:
+        parsed = json.loads(body)
+    except ValueError:  # not JSON: OpenAI's route answers it (a 400 in its envelope)
+        return False
+    return isinstance(parsed, dict) and "model" not in parsed
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
