@@ -72,7 +72,8 @@ SNIPPET_SEPARATOR = "\n\n--- snippet ---\n\n"  # between extra chunks, for model
 def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: list[tuple[str, str]], prompt: str,
                          max_tokens: int | None) -> list[int]:
     """llama-server's /infill prompt (format_prompt_infill): other files' text (`extra`: (filename, text)) as
-    snippets, then [BOS] FIM_PRE prefix prompt FIM_SUF suffix FIM_MID. The prefix keeps its last 1,536 tokens and
+    snippets (after FILE_SEP and the file's name where the vocabulary has repo-level tokens, with REPO first and
+    FILE_SEP "filename" last), then [BOS] FIM_PRE prefix prompt FIM_SUF suffix FIM_MID. The prefix keeps its last 1,536 tokens and
     the suffix its first 512 less the prompt's, as llama-server's default batch does; the snippets keep their
     ends, as much as llama-server keeps (the window less a batch) and never so much that `max_tokens`
     (INFILL_ROOM when None) no longer fits after the prompt. `prompt`'s special tokens are read as such."""
@@ -99,11 +100,17 @@ def infill_prompt_tokens(model: ServedModel, prefix: str, suffix: str, extra: li
     room = INFILL_ROOM if max_tokens is None else max_tokens
     # llama-server's budget, with its default n_predict of -1: the window less a batch, plus 2.
     budget = min(max(0, model.ctx_size - INFILL_BATCH + 2), max(0, model.ctx_size - len(core) - room))
-    snippets: list[int] = []
+    # A repo-level FIM vocabulary (Qwen2.5-Coder's): REPO "myproject\n", each snippet after FILE_SEP "its name\n",
+    # then FILE_SEP "filename\n" for the file being edited, as llama-server writes it (the names are its own).
+    repo, file_sep = getattr(engine, "fim_repo_token_ids", lambda: (None, None))()
+    head = [repo, *tokens("myproject\n")] if repo is not None else []
+    snippets = [file_sep, *tokens("filename\n")] if file_sep is not None else []
     separator = tokens(SNIPPET_SEPARATOR)
-    for _filename, text in reversed(extra):  # the last snippets are kept: only those are tokenized
+    for filename, text in reversed(extra):  # the last snippets are kept: only those are tokenized
         if len(snippets) >= budget:
             break
         # deepseek-coder has no file separator token: snippets are marked in text
-        snippets = separator + tokens(text[-budget * MAX_TOKEN_CHARS:]) + snippets
+        marker = [file_sep, *tokens(filename + "\n")] if file_sep is not None else separator
+        snippets = marker + tokens(text[-budget * MAX_TOKEN_CHARS:]) + snippets
+    snippets = head + snippets
     return [*snippets[len(snippets) - min(len(snippets), budget):], *core]  # before BOS, as llama-server puts them

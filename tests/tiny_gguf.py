@@ -85,6 +85,14 @@ SPECS = {
     ),
 }
 
+# Not a DeepSeek model: Qwen2.5-Coder's repo-level fill-in-the-middle tokens (llama.cpp finds them by their text), for
+# the /infill prompt llama-server writes with them (the model llama.vim and llama.vscode recommend).
+QWEN_CODER = TinySpec(
+    name="qwen-coder", architecture="qwen2", tokenizer_pre="qwen2", bos="<|endoftext|>", eos="<|endoftext|>",
+    control_tokens=("<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|repo_name|>",
+                    "<|file_sep|>"),
+)
+
 
 # ---- vocabulary ---------------------------------------------------------------------------------------------------
 
@@ -248,10 +256,10 @@ def _deepseek2(writer: gguf.GGUFWriter, w: _Weights, n_vocab: int) -> None:
 
 
 def build_tiny_gguf(path: str | Path, family: str, *, seed: int = 0, num_merges: int = 160,
-                    chat_template: str | None = None) -> Path:
-    """Write the tiny model of `family` (a key of SPECS) to `path` and return the path. `chat_template`
-    replaces the family's built-in template as the one the file carries."""
-    spec = SPECS[family]
+                    chat_template: str | None = None, spec: TinySpec | None = None) -> Path:
+    """Write the tiny model of `family` (a key of SPECS, or `spec` itself) to `path` and return the path.
+    `chat_template` replaces the family's built-in template as the one the file carries."""
+    spec = spec or SPECS[family]
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), spec.architecture)
     writer.add_name(f"tiny-{spec.name}")

@@ -193,6 +193,9 @@ class LlamaCppEngine:
     def fim_token_ids(self) -> tuple[int, int, int] | None:
         return self.runner.fim_token_ids()
 
+    def fim_repo_token_ids(self) -> tuple[int | None, int | None]:
+        return self.runner.fim_repo_token_ids()
+
     def check_grammar(self, gbnf: str, root: str = "root") -> None:
         """A client's GBNF, parsed before the request is queued: one llama.cpp refuses is the client's 400 (it
         reads the vocabulary only, as the engine thread does)."""

@@ -268,6 +268,12 @@ class LlamaRunner:
                llama.llama_vocab_fim_mid(self._vocab))
         return None if llama.LLAMA_TOKEN_NULL in ids else ids
 
+    def fim_repo_token_ids(self) -> tuple[int | None, int | None]:
+        """The repository and file separator tokens of a repo-level FIM vocabulary (Qwen2.5-Coder's `<|repo_name|>`
+        and `<|file_sep|>`); None for each the vocabulary lacks."""
+        ids = (llama.llama_vocab_fim_rep(self._vocab), llama.llama_vocab_fim_sep(self._vocab))
+        return tuple(None if token == llama.LLAMA_TOKEN_NULL else token for token in ids)  # type: ignore[return-value]
+
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))
 

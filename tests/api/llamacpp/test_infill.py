@@ -104,3 +104,33 @@ def test_only_the_snippets_that_fit_are_kept_the_last_ones(infill_server):
     assert len(snippets) == 4096 - 2048 + 2  # llama-server's budget: the window less a batch
     last = text_tokens(coder, SNIPPET_SEPARATOR) + text_tokens(coder, extra[-1]["text"])
     assert snippets[-len(last):] == last
+
+
+@pytest.fixture(scope="module")
+def repo_level_server(tmp_path_factory):
+    from tests.tiny_gguf import QWEN_CODER, build_tiny_gguf
+
+    path = build_tiny_gguf(tmp_path_factory.mktemp("qwen-coder") / "qwen-coder.gguf", "qwen-coder", spec=QWEN_CODER)
+    settings = Settings(api_keys=[KEY], parallel=1, ctx_size=4096, threads=1,
+                        data_dir=tmp_path_factory.mktemp("qwen-coder-data"))
+    with serve_in_process(settings, [("tiny-qwen-coder", str(path))]) as (url, engines):
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+            yield http, engines["tiny-qwen-coder"]
+
+
+def test_a_repo_level_vocabulary_gets_llama_servers_repo_and_file_markers(repo_level_server):
+    """Qwen2.5-Coder's <|repo_name|> and <|file_sep|>: REPO "myproject\\n", each snippet after FILE_SEP and its file
+    name, then FILE_SEP "filename\\n" before the FIM prefix, as llama-server's format_prompt_infill writes them."""
+    http, coder = repo_level_server
+    extra = [{"filename": "util.py", "text": "def add(a, b):\n    return a + b\n"}, {"text": "x = 1\n"}]
+    r = http.post("/infill", json={"input_prefix": "import util\n", "input_suffix": "\nprint(x)\n", "n_predict": 1,
+                                   "input_extra": extra})
+    assert r.status_code == 200, r.text
+    special = coder.tokenize("<|repo_name|><|file_sep|><|fim_prefix|><|fim_suffix|><|fim_middle|>",
+                             add_special=False, parse_special=True)
+    repo, sep, pre, suf, mid = special
+    bos = coder.tokenize("", add_special=True, parse_special=False)
+    t = lambda text: text_tokens(coder, text)  # noqa: E731
+    assert coder.prompts[-1] == [
+        repo, *t("myproject\n"), sep, *t("util.py\n"), *t(extra[0]["text"]), sep, *t("tmp\n"), *t("x = 1\n"),
+        sep, *t("filename\n"), *bos, pre, *t("import util\n"), suf, *t("\nprint(x)\n"), mid]
