@@ -21,9 +21,13 @@ class NativeCompletionsAlias:
             return
         # The whole body, read once (BodySizeLimit, outside, bounds it) and handed on as it came.
         chunks, message = [], {"type": "http.request", "more_body": True}
-        while message["type"] == "http.request" and message.get("more_body", False):
-            message = await receive()
-            chunks.append(message.get("body", b""))
+        try:
+            while message["type"] == "http.request" and message.get("more_body", False):
+                message = await receive()
+                chunks.append(message.get("body", b""))
+        except Exception as exc:  # past the size limit: raised again where the route reads it, answered there (413)
+            await self.app(scope, _raising(exc), send)
+            return
         if message["type"] != "http.request":  # the client left: let the route see it
             await self.app(scope, _replay([message], receive), send)
             return
@@ -48,3 +52,10 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replayed
+
+
+def _raising(exc: Exception) -> Receive:
+    async def receive() -> Message:
+        raise exc
+
+    return receive

@@ -258,3 +258,12 @@ def test_completions_without_a_model_is_llama_servers_alias_of_completion(http, 
     assert "".join(e["content"] for e in events) == native_answer["content"] and events[-1]["stop"] is True
     bad = http.post("/completions", json={"prompt": PROMPT, "temperature": -1})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == 400  # llama-server's envelope
+
+    def oversized():  # no Content-Length: the limit is found while the body is read
+        yield b'{"prompt": "'
+        for _ in range(5):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    too_large = http.post("/completions", content=oversized(), headers={"Content-Type": "application/json"})
+    assert too_large.status_code == 413, too_large.text
