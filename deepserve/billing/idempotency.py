@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepserve.api.auth import api_key_header, bearer_token
 from deepserve.api.direct import BODY_RECORDED_KEY
+from deepserve.api.limits import raise_when_read
 from deepserve.billing.tables import IdempotencyRecord, utcnow
 from deepserve.errors import ConflictError, DeepserveError, IdempotencyMismatchError, InvalidRequestError
 
@@ -117,7 +118,11 @@ class IdempotencyMiddleware:
             await self._error(scope, receive, send, InvalidRequestError(
                 f"The Idempotency-Key header must be 1 to {MAX_KEY_LENGTH} characters long.", param="Idempotency-Key"))
             return
-        body, messages, disconnected = await _read_body(receive)
+        try:
+            body, messages, disconnected = await _read_body(receive)
+        except Exception as exc:  # past the size limit: the route's read raises it again and answers it (413)
+            await self.app(scope, raise_when_read(exc), send)
+            return
         if disconnected:
             return
         replay_receive = _replaying(messages, receive)

@@ -8,6 +8,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deepserve.api.limits import raise_when_read
+
 ALIAS, NATIVE = "/completions", "/completion"
 
 
@@ -26,7 +28,7 @@ class NativeCompletionsAlias:
                 message = await receive()
                 chunks.append(message.get("body", b""))
         except Exception as exc:  # past the size limit: raised again where the route reads it, answered there (413)
-            await self.app(scope, _raising(exc), send)
+            await self.app(scope, raise_when_read(exc), send)
             return
         if message["type"] != "http.request":  # the client left: let the route see it
             await self.app(scope, _replay([message], receive), send)
@@ -53,9 +55,3 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 
     return replayed
 
-
-def _raising(exc: Exception) -> Receive:
-    async def receive() -> Message:
-        raise exc
-
-    return receive
