@@ -49,6 +49,12 @@ class NotSupportedError(DeepserveError):
 class ContextLengthError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
+    def __init__(self, message: str, *, param: str | None = None, num_prompt_tokens: int | None = None,
+                 ctx_size: int | None = None):
+        super().__init__(message, param=param)
+        self.num_prompt_tokens = num_prompt_tokens  # llama-server's n_prompt_tokens and n_ctx, where known
+        self.ctx_size = ctx_size
+
 
 class PayloadTooLargeError(DeepserveError):
     status_code = 413

@@ -114,7 +114,9 @@ def error_body(status: int, message: str, kind: str) -> dict[str, Any]:
 def error_response(error: DeepserveError, request: Request | None = None) -> Response:
     kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
             503: "unavailable_error"}.get(error.status_code, error.error_type)
+    body = error_body(error.status_code, error.message, kind)
     if error.code == "context_length_exceeded":
-        kind = "exceed_context_size_error"
-    return JSONResponse(error_body(error.status_code, error.message, kind), status_code=error.status_code,
-                        headers=error.headers)
+        body["error"]["type"] = "exceed_context_size_error"
+        if getattr(error, "ctx_size", None) is not None:  # llama-server's numbers, which its web UI shows
+            body["error"].update(n_prompt_tokens=error.num_prompt_tokens, n_ctx=error.ctx_size)
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)

@@ -212,13 +212,13 @@ class LlamaCppEngine:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.ctx_size} tokens. However, your prompt is "
                 f"{num_prompt_tokens} tokens, which leaves no room for the completion. Please reduce the length of "
-                f"the prompt.", param="prompt")
+                f"the prompt.", param="prompt", num_prompt_tokens=num_prompt_tokens, ctx_size=self.ctx_size)
         if num_prompt_tokens + max_tokens > self.ctx_size:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.ctx_size} tokens. However, you requested "
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
                 f"for the completion). Please reduce the prompt or max_tokens.",
-                param="max_tokens",
+                param="max_tokens", num_prompt_tokens=num_prompt_tokens, ctx_size=self.ctx_size,
             )
 
     def submit(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:

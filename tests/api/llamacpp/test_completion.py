@@ -124,6 +124,14 @@ def test_bad_requests_get_llama_servers_error_shape(http, body, status, kind):
     assert (error["code"], error["type"]) == (status, kind) and error["message"]
 
 
+def test_a_prompt_past_the_window_tells_its_size_and_the_window_as_llama_server(http):
+    r = http.post("/completion", json={"prompt": "word " * 2000})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["type"] == "exceed_context_size_error"
+    assert error["n_ctx"] == 1024 and error["n_prompt_tokens"] >= 2000
+    assert f"your prompt is {error['n_prompt_tokens']} tokens" in error["message"]
+
+
 def test_a_model_name_the_server_does_not_know_is_ignored_while_it_serves_one(http, server):
     """llama-server ignores `model`; editor plugins send whatever name their user configured."""
     body = {"prompt": PROMPT, "n_predict": 3, "temperature": 0}
