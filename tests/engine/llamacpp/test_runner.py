@@ -201,3 +201,28 @@ def test_grammar_sampling_through_the_shortlist_picks_what_the_whole_vocabulary_
     free = schema_grammar({"type": "string"}).gbnf
     out = constrained(runner, prompt, free, 3, forced)
     assert rare in out
+
+
+def test_plain_greedy_reads_the_highest_logit_and_picks_what_llama_cpps_greedy_sampler_picks(runner):
+    """sample() takes the highest logit itself for a plain greedy chain (no logit_bias, penalties or infill);
+    llama.cpp's own greedy sampler, run on the same rows, picks the same tokens."""
+    import llama_cpp as llama
+
+    prompt = runner.tokenize("The capital of France is", add_special=True)
+    plain = runner.new_sampler(SamplingParams(temperature=0.0), seed=0)
+    assert runner._argmax  # this one takes the fast path
+    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+    runner.keep_prefix(0, 0)
+    [row] = runner.decode([BatchEntry(0, prompt, 0, True)])
+    for step in range(12):
+        token = runner.sample(plain, row)
+        assert token == llama.llama_sampler_sample(chain, runner._ctx, row) == int(runner.logits(row).argmax())
+        [row] = runner.decode([BatchEntry(0, [token], len(prompt) + step, True)])
+    llama.llama_sampler_free(chain)
+    runner.free_sampler(plain)
+    assert not runner._argmax
+    # a bias goes through the chain, and it is obeyed
+    banned = greedy(runner, [prompt], 1)[0][0]
+    biased = greedy(runner, [prompt], 1, SamplingParams(temperature=0.0, logit_bias={banned: -100.0}))[0][0]
+    assert biased != banned
