@@ -119,7 +119,9 @@ def prepare_chat(model: Any, messages: list[dict[str, Any]], options: ChatOption
                 raise InvalidRequestError("response_format and a forced tool_choice cannot be combined.",
                                           param="tool_choice")
             grammar = tool_call_grammar(functions, forced, tool_format,
-                                        parallel=forced == "*" and options.parallel_tool_calls is not False,
+                                        # several calls only when asked: llama-server's default. OpenAI's
+                                        # (true) let a small model repeat its call until max_tokens cut it.
+                                        parallel=forced == "*" and options.parallel_tool_calls is True,
                                         single_tokens=single_tokens(model, MARKERS))
     prompt_tokens = model.chat_prompt_tokens(messages, generation=options.generation, **template_kwargs)
     if options.generation is Generation.CONTINUE and prompt_reasoning_prefix(model.text_to_continue(messages[-1])):

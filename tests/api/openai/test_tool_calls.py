@@ -61,6 +61,23 @@ def test_required_calls_one_of_the_tools_and_streams_as_tool_call_deltas(client,
     assert chunks[-1].usage.completion_tokens > 0
 
 
+def test_required_makes_one_call_unless_parallel_calls_are_asked_for(client, server):
+    """As llama-server: a forced call is one call unless parallel_tool_calls is true. With OpenAI's default (several)
+    this small model repeated its call until max_tokens cut it: finish_reason length, the tool run twice."""
+    now = {"type": "function", "function": {"name": "now", "description": "Get the current time",
+                                            "parameters": {"type": "object", "properties": {}}}}
+    question = [{"role": "user", "content": "What time is it?"}]
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model=server.model, messages=question, tools=[now], tool_choice="required",
+                                           max_tokens=64, temperature=0.7, seed=seed)
+        (choice,) = r.choices
+        assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        assert r.usage.completion_tokens < 64
+    r = client.chat.completions.create(model=server.model, messages=question, tools=[now], tool_choice="required",
+                                       max_tokens=64, temperature=0, parallel_tool_calls=True)
+    assert len(r.choices[0].message.tool_calls) >= 1  # asked for: more than one may come
+
+
 def test_allowed_tools_required_calls_only_an_allowed_one(client, server):
     """tool_choice {"type": "allowed_tools"} as the openai SDK types it: with both tools offered and only get_time
     allowed, mode required always calls get_time, though the question is about the weather."""
