@@ -55,6 +55,11 @@ def _longest_partial(text: str, markers: tuple[str, ...]) -> int:
     return best
 
 
+# A call cut short: its name complete, its arguments (if begun) as far as they got.
+_HERMES_CUT = re.compile(r'^\s*\{\s*"name"\s*:\s*"(?P<name>[^"]+)"\s*(?:,(?P<rest>.*))?$', re.DOTALL)
+_HERMES_CUT_ARGS = re.compile(r'^\s*"(?:arguments|parameters)"\s*:\s*(?P<args>.*)$', re.DOTALL)
+_DEEPSEEK_CUT = re.compile(r"^\s*[^\n<]*?\s*" + re.escape(SEP) + r"(?P<name>[^\n]+?)\s*\n(?P<rest>.*)$", re.DOTALL)
+_FENCE_CUT = re.compile(r"^`{1,3}(?:j(?:s(?:o(?:n)?)?)?)?\s*")  # the arguments' opening ``` json fence, perhaps cut
 _DEEPSEEK_CALL = re.compile(r"^\s*(?P<type>[^\n<]*?)\s*" + re.escape(SEP) + r"(?P<name>[^\n]+?)\s*\n```(?:json)?\s*\n"
                             r"(?P<args>.*?)\s*```\s*$", re.DOTALL)
 
@@ -63,10 +68,11 @@ class ToolCallParser:
     """Streaming: `feed(text)` returns (content, complete calls). Text that may start a call marker is held
     back; a call is returned once it is complete. A call that does not parse stays content."""
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, *, forced: bool = False):
         if fmt not in (DEEPSEEK, HERMES):
             raise ValueError(f"unknown tool call format {fmt!r}")
         self.format = fmt
+        self.forced = forced  # a grammar makes the answer a call: markup cut too early to be one is dropped
         self._begin = (CALLS_BEGIN, CALL_BEGIN) if fmt == DEEPSEEK else (HERMES_BEGIN,)
         self._in_calls = False  # inside the call section
         self._buffer = ""  # text of the call section not yet parsed
@@ -172,7 +178,8 @@ class ToolCallParser:
         return None
 
     def flush(self) -> tuple[str, list[ToolCall]]:
-        """The end of the output. A call cut short (max_tokens) or never closed is kept if it parses. Once the
+        """The end of the output. A call cut short (max_tokens) or never closed is kept: whole if it parses, else as
+        far as it got once its name is whole (arguments not JSON yet, as OpenAI returns a cut call). Once the
         answer has made calls, what follows them unfinished (the start of one more call, cut off) is dropped:
         markup is no answer, and a client shows `content` next to `tool_calls`."""
         calls: list[ToolCall] = []
@@ -188,13 +195,28 @@ class ToolCallParser:
                 parsed = self._hermes(buf)
             else:
                 parsed = self._deepseek(buf.removeprefix(CALL_BEGIN).removesuffix(CALL_END))
+            if parsed is None:  # cut inside it: the call as far as it got, as OpenAI returns one cut by max_tokens
+                parsed = self._cut_call(buf)
             if parsed is not None:
                 calls.append(ToolCall(id=new_call_id(), name=parsed[0], arguments=parsed[1], index=self.num_calls))
                 self.num_calls += 1
-            elif not made_calls:
+            elif not made_calls and not self.forced:
                 content += raw
         self._in_calls = False
         return content, calls
+
+    def _cut_call(self, buf: str) -> tuple[str, str] | None:
+        """A call whose name is written whole and whose arguments may be cut short (not JSON yet)."""
+        match = (_HERMES_CUT if self.format == HERMES else _DEEPSEEK_CUT).match(buf.removeprefix(CALL_BEGIN))
+        if match is None:
+            return None
+        rest = match["rest"] or ""
+        if self.format == HERMES:  # after the name: the arguments' key, perhaps cut too, then their text
+            args = _HERMES_CUT_ARGS.match(rest)
+            rest = args["args"] if args else ""
+        else:
+            rest = _FENCE_CUT.sub("", rest)
+        return match["name"].strip(), rest.strip()
 
 
 # ---- the request side -----------------------------------------------------------------------------------------------

@@ -87,10 +87,26 @@ def test_max_tokens_cutting_one_more_call_leaves_no_markup_in_content():
     assert parse(DEEPSEEK, [CALLS_BEGIN + ds_call + ds_call[:-4]]) == ("", [("get_time", {}), ("get_time", {})])
 
 
+def test_a_call_cut_short_is_the_call_as_far_as_it_got():
+    """max_tokens ends the answer inside a call: its name and the arguments written so far come back as the call
+    (not JSON yet), as OpenAI returns a call cut by its limit, never its markup as content."""
+    def cut(fmt: str, text: str) -> tuple[str, list[tuple[str, str]]]:
+        parser = ToolCallParser(fmt)
+        content, calls = parser.feed(text)
+        rest, more = parser.flush()
+        return content + rest, [(c.name, c.arguments) for c in calls + more]
+
+    assert cut(HERMES, '<tool_call>\n{"name": "get_weather", "argu') == ("", [("get_weather", "")])
+    assert cut(HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa') == (
+        "", [("get_weather", '{"city": "Pa')])
+    deepseek = CALLS_BEGIN + CALL_BEGIN + "function" + SEP + "get_weather\n```json\n{\"city\": \"Pa"
+    assert cut(DEEPSEEK, deepseek) == ("", [("get_weather", '{"city": "Pa')])
+    assert cut(HERMES, '<tool_call>\n{"na') == ('<tool_call>\n{"na', [])  # no name yet: no call to return
+
+
 def test_text_that_is_not_a_call_stays_content():
     assert parse(HERMES, ["a <tool_", "callx> b"]) == ("a <tool_callx> b", [])
     assert parse(HERMES, ["<tool_call>not json</tool_call>"]) == ("<tool_call>not json</tool_call>", [])
-    assert parse(HERMES, ["<tool_call>{\"name\": \"f\", \"argu"]) == ("<tool_call>{\"name\": \"f\", \"argu", [])
     assert parse(DEEPSEEK, ["plain answer"]) == ("plain answer", [])
 
 

@@ -162,8 +162,13 @@ async def _chat_events(
             render.chat_chunk(response_id, created, body.model, index, delta, include_usage=include_usage, **kwargs)
         )
 
+    # A forced call answers with tool_calls and no content: null from the first chunk, as OpenAI streams it and as
+    # the whole answer says (a stream accumulated by the SDK then equals it).
+    forced = bool(body.tools) and body.tool_choice not in (None, "auto", "none") and not (
+        isinstance(body.tool_choice, dict) and body.tool_choice.get("type") == "allowed_tools"
+        and (body.tool_choice.get("allowed_tools") or {}).get("mode", "auto") == "auto")
     for i in range(body.n):
-        yield chunk(i, {"role": "assistant", "content": ""})
+        yield chunk(i, {"role": "assistant", "content": None if forced else ""})
     async with contextlib.aclosing(stream):
         async for index, delta in stream:
             choices[index].add(delta)

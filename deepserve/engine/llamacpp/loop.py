@@ -502,7 +502,8 @@ class LlamaCppEngine:
                 state.reasoning = ReasoningShaper(params.reasoning.format, starts_in_reasoning=prefix is not None,
                                                   raw_prefix=prefix or "")
         if params.tool_format is not None:
-            state.tools = ToolCallParser(params.tool_format)
+            # With a grammar too, the answer is a forced call (response_format and forced calls never combine).
+            state.tools = ToolCallParser(params.tool_format, forced=params.grammar is not None)
             state.special_pieces = True
         self.runner.keep_prefix(seq_id, seq.num_computed)
         self.counters.num_prompt_tokens += len(seq.prompt_tokens)

@@ -59,6 +59,31 @@ def test_required_calls_one_of_the_tools_and_streams_as_tool_call_deltas(client,
     assert finishes == ["tool_calls"]
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
     assert chunks[-1].usage.completion_tokens > 0
+    # content null from the role chunk on, as OpenAI streams a forced call: accumulated, it is the whole answer's None
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    state = ChatCompletionStreamState()
+    for c in chunks:
+        state.handle_chunk(c)
+    assert state.current_completion_snapshot.choices[0].message.content is None
+
+
+def test_a_forced_call_cut_by_max_tokens_is_the_call_as_far_as_it_got(client, server):
+    """OpenAI returns a call cut by max_tokens as a tool call whose arguments are not JSON yet; never its markup."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=20,
+                                       temperature=0, tool_choice=named)
+    (choice,) = r.choices
+    assert choice.finish_reason == "length" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and "<tool_call>" not in call.function.arguments
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.function.arguments)  # cut: not JSON yet
+    # cut inside the name: nothing to call, and no markup either
+    r = client.chat.completions.create(model=server.model, messages=MESSAGES, tools=TOOLS, max_tokens=14,
+                                       temperature=0, tool_choice=named)
+    assert r.choices[0].finish_reason == "length" and not r.choices[0].message.content
 
 
 def test_required_makes_one_call_unless_parallel_calls_are_asked_for(client, server):
