@@ -296,7 +296,9 @@ async def _completion_events(
                 logprobs = None
                 if body.logprobs is not None and (delta.logprobs or prompt_logprobs):
                     logprobs = render.completion_logprobs(delta.logprobs, offsets[choice_index], prompt_logprobs)
-                offsets[choice_index] += len(delta.text)
+                # Offsets follow the tokens, as the whole answer's do (render.completion_logprobs): a token's text
+                # may reach the client later than its logprob (held back while a stop string may match).
+                offsets[choice_index] += sum(len(e.token) for e in delta.logprobs)
                 finish = render.finish_reason(delta.finish_reason)
                 if text or logprobs or finish:
                     yield sse.event(

@@ -85,6 +85,16 @@ def test_streamed_text_offsets_are_each_choices_own_and_count_the_echoed_prompt(
             assert starts == choice.logprobs.text_offset  # each offset is where its token sits in the text
 
 
+def test_streamed_text_offsets_with_a_stop_string_are_the_whole_answers(client: openai.OpenAI, server):
+    """Text held back while a stop string may match reaches the client after its tokens' logprobs: the offsets
+    still follow the tokens, as the whole answer's."""
+    args = dict(model=server.model, prompt="1, 2, 3, 4,", max_tokens=30, stop=[" 7"], logprobs=1, temperature=0)
+    full = client.completions.create(**args).choices[0].logprobs.text_offset
+    streamed = [o for chunk in client.completions.create(**args, stream=True) for choice in chunk.choices
+                if choice.logprobs for o in choice.logprobs.text_offset]
+    assert streamed == full and full == sorted(full) and len(set(full)) == len(full)
+
+
 def test_echo_with_logprobs_scores_the_prompt_tokens_as_lm_eval_reads_them(client: openai.OpenAI, server):
     """lm-evaluation-harness scores a continuation with echo=True, max_tokens=1, logprobs=1 and reads the prompt
     tokens' token_logprobs: the prompt leads, its first token with null, then the output (OpenAI, vLLM)."""
