@@ -115,3 +115,22 @@ def test_a_state_that_cannot_be_copied_back_is_computed_from_the_start_and_decod
         assert engine.stats()["prompt_cache"]["num_restored"] == 0
     finally:
         engine.close()
+
+
+def test_a_finished_slot_is_saved_while_the_engine_idles_not_when_the_next_request_comes():
+    """The save that used to come on the next request's path (before its prefill overwrites the slot) is made while
+    the engine has nothing to decode: the admission finds it covered, and the conversation still comes back."""
+    engine = make_engine(64)
+    try:
+        first, other = conversation(engine)
+        fresh, _ = asyncio.run(generate(engine, first))
+        assert len(first) + len(fresh) >= 64
+        assert engine.quiet.wait(30)  # idle, with nothing left to save
+        assert engine.stats()["prompt_cache"]["num_saved"] == 1  # saved with no request waiting on it
+        asyncio.run(generate(engine, other))  # takes the only slot: nothing more to save for `first`
+        assert engine.quiet.wait(30)
+        assert engine.stats()["prompt_cache"]["num_saved"] == 2  # `other`'s, saved idle in its turn
+        again, cached = asyncio.run(generate(engine, first))
+        assert again == fresh and cached >= len(first) - 1  # restored from RAM
+    finally:
+        engine.close()
