@@ -41,7 +41,7 @@ def dialect_of(path: str) -> str:
         return "workers_ai"
     if path == "/api/v1":
         return "dataoorts"
-    if path in ("/completion", "/infill"):
+    if path in ("/completion", "/infill", "/props", "/apply-template"):
         return "llamacpp"
     if is_slug_path(path):
         return "segmind"

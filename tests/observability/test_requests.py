@@ -50,3 +50,13 @@ def test_count_choices_prefers_final_counts_and_counts_the_prompt_once():
     assert (counts.num_prompt, counts.num_cached, counts.num_completion, counts.num_reasoning) == (12, 8, 9, 2)
     cut = count_choices(30, [Choice(None, 4)])  # nothing finished: the prompt as sent, what was delivered
     assert (cut.num_prompt, cut.num_cached, cut.num_completion, cut.num_reasoning) == (30, 0, 4, 0)
+
+
+def test_each_path_is_labelled_with_its_dialect():
+    from deepserve.observability.requests import dialect_of
+
+    cases = {"/v1/chat/completions": "openai", "/chat/completions": "openai", "/completion": "llamacpp",
+             "/infill": "llamacpp", "/props": "llamacpp", "/apply-template": "llamacpp",
+             "/client/v4/accounts/a/ai/run/@cf/x": "workers_ai", "/api/v1": "dataoorts",
+             "/v1/deepseek-reasoner": "segmind", "/admin/keys": "admin"}
+    assert {path: dialect_of(path) for path in cases} == cases
