@@ -64,17 +64,20 @@ def test_a_prompt_pushed_out_of_its_slot_is_restored_from_ram_and_decodes_the_sa
         fresh, cached_fresh = asyncio.run(generate(engine, first))
         assert cached_fresh == 0
         asyncio.run(generate(engine, other))  # takes the only slot: `first` (and its output) is saved to RAM
+        assert engine.quiet.wait(30)  # and `other`'s too, while the engine idles
         stats = engine.stats()["prompt_cache"]
-        assert stats["entries"] == 1 and stats["num_saved"] == 1
-        assert stats["tokens"] == len(first) + PARAMS.max_tokens - 1  # the last sampled token was never decoded
+        assert stats["entries"] == 2 and stats["num_saved"] == 2
+        # the last sampled token of each was never decoded
+        assert stats["tokens"] == len(first) + len(other) + 2 * (PARAMS.max_tokens - 1)
         assert 0 < stats["bytes"] <= stats["limit_bytes"]
 
         again, cached_again = asyncio.run(generate(engine, first))
         assert cached_again == len(first) - 1  # all but the last prompt token, whose logits are sampled
         assert again == fresh  # the restored KV is the KV: greedy decoding goes the same way
+        assert engine.quiet.wait(30)
         stats = engine.stats()["prompt_cache"]
         assert stats["num_restored"] == 1 and stats["num_restored_tokens"] == len(first) - 1
-        assert stats["entries"] == 2  # `other` was saved when `first` came back; `first`'s copy stays
+        assert stats["entries"] == 2 and stats["num_saved"] == 2  # both copies stay; `first`'s slot holds its copy
         assert engine.counters.num_cached_prompt_tokens == len(first) - 1 + common_prefix_length(first, other)
     finally:
         engine.close()
