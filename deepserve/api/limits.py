@@ -37,13 +37,3 @@ class BodySizeLimit:
 
         await self.app(scope, limited_receive, send)
 
-
-def raise_when_read(exc: Exception) -> Receive:
-    """For a middleware that reads the body before the route and hit the limit (or another error) doing it: the
-    route's own read raises it again, where FastAPI's handlers answer it in the caller's dialect (a 413), rather
-    than the middleware's exception becoming a 500."""
-
-    async def receive() -> Message:
-        raise exc
-
-    return receive

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepserve.api.auth import api_key_header, bearer_token
 from deepserve.api.direct import BODY_RECORDED_KEY
-from deepserve.api.limits import raise_when_read
+from deepserve.api.bodies import raise_when_read, read_body, replaying
 from deepserve.billing.tables import IdempotencyRecord, utcnow
 from deepserve.errors import ConflictError, DeepserveError, IdempotencyMismatchError, InvalidRequestError
 
@@ -119,13 +119,13 @@ class IdempotencyMiddleware:
                 f"The Idempotency-Key header must be 1 to {MAX_KEY_LENGTH} characters long.", param="Idempotency-Key"))
             return
         try:
-            body, messages, disconnected = await _read_body(receive)
+            body, messages, disconnected = await read_body(receive)
         except Exception as exc:  # past the size limit: the route's read raises it again and answers it (413)
             await self.app(scope, raise_when_read(exc), send)
             return
         if disconnected:
             return
-        replay_receive = _replaying(messages, receive)
+        replay_receive = replaying(messages, receive)
         try:  # a replay is for a caller whose key still works (a revoked key gets its 401 from the route)
             authenticated = state.key_store.authenticate(credential)
             if asyncio.iscoroutine(authenticated):
@@ -189,30 +189,6 @@ class IdempotencyMiddleware:
 
 async def _shielded(work) -> None:
     await asyncio.shield(asyncio.ensure_future(work))
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, list[Message], bool]:
-    messages: list[Message] = []
-    parts: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b"", messages, True
-        messages.append(message)
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts), messages, False
-
-
-def _replaying(messages: list[Message], receive: Receive) -> Receive:
-    pending = list(messages)
-
-    async def replay_receive() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replay_receive
 
 
 async def _replay(answer: Stored, send: Send) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deepserve.api.limits import raise_when_read
+from deepserve.api.bodies import raise_when_read, read_body, replaying
 
 ALIAS, NATIVE = "/completions", "/completion"
 
@@ -22,21 +22,14 @@ class NativeCompletionsAlias:
             await self.app(scope, receive, send)
             return
         # The whole body, read once (BodySizeLimit, outside, bounds it) and handed on as it came.
-        chunks, message = [], {"type": "http.request", "more_body": True}
         try:
-            while message["type"] == "http.request" and message.get("more_body", False):
-                message = await receive()
-                chunks.append(message.get("body", b""))
+            body, messages, disconnected = await read_body(receive)
         except Exception as exc:  # past the size limit: raised again where the route reads it, answered there (413)
             await self.app(scope, raise_when_read(exc), send)
             return
-        if message["type"] != "http.request":  # the client left: let the route see it
-            await self.app(scope, _replay([message], receive), send)
-            return
-        body = b"".join(chunks)
-        if _names_no_model(body):
+        if not disconnected and _names_no_model(body):
             scope = {**scope, "path": NATIVE, "raw_path": NATIVE.encode()}
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+        await self.app(scope, replaying(messages, receive), send)  # a client that left: the route sees it
 
 
 def _names_no_model(body: bytes) -> bool:
@@ -45,13 +38,4 @@ def _names_no_model(body: bytes) -> bool:
     except ValueError:  # not JSON: OpenAI's route answers it (a 400 in its envelope)
         return False
     return isinstance(parsed, dict) and "model" not in parsed
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deepserve import __version__
 from deepserve.api.auth import Principal, require_bearer
+from deepserve.api.llamacpp.routes import generation_settings
 from deepserve.api.llamacpp.schemas import NativeCompletionRequest
 from deepserve.api.openai.schemas import ChatCompletionRequest, ChatMessage
 from deepserve.errors import InvalidRequestError
@@ -22,8 +23,6 @@ router = APIRouter(tags=["llama.cpp"])
 
 def default_settings() -> dict[str, Any]:
     """The generation settings of a request that sets nothing (llama-server's `params` in /props)."""
-    from deepserve.api.llamacpp.routes import generation_settings
-
     return generation_settings(NativeCompletionRequest(), -1)
 
 

@@ -27,6 +27,7 @@ from deepserve.serving import (
     ChoiceResult, ServedModel, collect_stream, fan_in, messages_chars, metered_generate, metered_generate_many,
     prepare_off_loop,
 )
+from deepserve.tools import check_tools
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -164,9 +165,7 @@ async def _chat_events(
 
     # A forced call answers with tool_calls and no content: null from the first chunk, as OpenAI streams it and as
     # the whole answer says (a stream accumulated by the SDK then equals it).
-    forced = bool(body.tools) and body.tool_choice not in (None, "auto", "none") and not (
-        isinstance(body.tool_choice, dict) and body.tool_choice.get("type") == "allowed_tools"
-        and (body.tool_choice.get("allowed_tools") or {}).get("mode", "auto") == "auto")
+    forced = check_tools(body.tools, body.tool_choice)[1] is not None  # valid: prepare_chat checked them
     for i in range(body.n):
         yield chunk(i, {"role": "assistant", "content": None if forced else ""})
     async with contextlib.aclosing(stream):

@@ -78,7 +78,7 @@ class SamplingInput(BaseModel):
         if "max_tokens" in omitted and num_prompt_tokens and not model.takes_text_prompts:
             # The dialect's default is not the client's: it shrinks to what the window has room for rather than
             # refuse a prompt that fits (an upstream's count is only a bound: it caps the default itself).
-            sampling.max_tokens = max(1, min(sampling.max_tokens, model.ctx_size - num_prompt_tokens))
+            sampling.max_tokens = min(sampling.max_tokens, model.resolve_max_tokens(None, num_prompt_tokens))
         return sampling
 
     def _sampling(self) -> SamplingParams:

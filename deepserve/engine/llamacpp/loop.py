@@ -370,12 +370,15 @@ class LlamaCppEngine:
             self._idle_saved[slot.seq_id] = (slot.last_used_step, len(tokens))  # tried once, whatever comes of it
             if cache.covers(tokens):
                 continue
-            try:
-                cache.add(list(tokens), self.runner.save_state(slot.seq_id))
-            except (DecodeError, MemoryError) as exc:  # the cache is an optimisation: never fail for it
-                log.warning("could not save sequence %d to the prompt cache: %s", slot.seq_id, exc)
+            self._save_to_host_cache(slot.seq_id, list(tokens))
             return True
         return False
+
+    def _save_to_host_cache(self, seq_id: int, tokens: list[int]) -> None:
+        try:
+            self.host_cache.add(tokens, self.runner.save_state(seq_id))
+        except (DecodeError, MemoryError) as exc:  # the cache is an optimisation: never fail a request for it
+            log.warning("could not save sequence %d to the prompt cache: %s", seq_id, exc)
 
     def _gather_burst(self) -> None:
         """The engine was idle and work arrived: wait while more requests keep arriving (each within gather_s of
@@ -551,10 +554,7 @@ class LlamaCppEngine:
         the reuse: the prompt is computed."""
         cache, seq_id = self.host_cache, admission.seq_id
         if admission.save is not None and cache is not None:
-            try:
-                cache.add(admission.save, self.runner.save_state(seq_id))
-            except (DecodeError, MemoryError) as exc:  # the cache is an optimisation: never fail a request for it
-                log.warning("could not save sequence %d to the prompt cache: %s", seq_id, exc)
+            self._save_to_host_cache(seq_id, admission.save)
         if admission.restore is None and admission.copy_from is None:
             return
         try:
